@@ -1,0 +1,216 @@
+"""The maths of subspace descent as plain functions over tensors.
+
+Nothing here keeps state: every function takes the tensors it reads and the tensors it
+updates in place, in the style of ``torch.optim.adamw``. The optimizer classes only do the
+plumbing (param groups, per-parameter state, orientation).
+
+Conventions. A projected weight's gradient is brought into the *canonical orientation*
+``G`` of shape ``m x n`` in which the projector acts on the rows: the projection matrix
+``P`` is ``m x r``, the low-rank gradient is ``R = P^T G`` (``r x n``) and an update ``D``
+in the subspace goes back as ``P D`` (``m x n``). A weight whose projector acts on its
+columns is handled by transposing it into this orientation (see ``osd.optimizer``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "adamw_direction",
+    "lion_direction",
+    "adafactor_direction",
+    "sgd_direction",
+    "online_pca_loss",
+    "online_pca_grad",
+    "svd_basis",
+    "random_basis",
+    "principal_angles",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Inner update rules: each returns the direction D; the caller applies W -= lr * D.
+# --------------------------------------------------------------------------------------
+
+
+def adamw_direction(
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: int,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> Tensor:
+    """Adam's direction, exactly as ``torch.optim.AdamW`` computes it.
+
+    ``m <- b1 m + (1 - b1) g``, ``v <- b2 v + (1 - b2) g^2`` (in place), and
+
+        D = (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    ``step`` is t, counted from 1. Weight decay is not part of the direction: it is
+    decoupled and applied to the full weight by the caller.
+    """
+    exp_avg.lerp_(grad, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    return (exp_avg / bias_correction1).div_(denom)
+
+
+def lion_direction(
+    grad: Tensor, exp_avg: Tensor, beta1: float, beta2: float, apply_sign: bool = True
+) -> Tensor:
+    """Lion (Chen et al., 2023): ``D = sign(b1 m + (1 - b1) g)``, then ``m <- b2 m + (1 - b2) g``.
+
+    With ``apply_sign=False`` the interpolation ``c = b1 m + (1 - b1) g`` is returned
+    unsigned, for the variant that takes the sign after projecting back to full size.
+    """
+    direction = torch.lerp(grad, exp_avg, beta1)
+    exp_avg.lerp_(grad, 1.0 - beta2)
+    return direction.sign_() if apply_sign else direction
+
+
+def adafactor_direction(
+    grad: Tensor,
+    state: dict[str, Tensor],
+    step: int,
+    decay_rate: float,
+    eps: float,
+    clip_threshold: float,
+    beta1: float | None,
+    prefix: str = "",
+) -> Tensor:
+    """Adafactor (Shazeer & Stern, 2018) with a factored second moment.
+
+    For a 2-D ``g`` (``a x b``) only a row statistic ``v_row`` (``a``) and a column
+    statistic ``v_col`` (``b``) are kept, with ``beta2_t = 1 - t^decay_rate``:
+
+        v_row <- beta2_t v_row + (1 - beta2_t) mean_cols(g^2 + eps)
+        v_col <- beta2_t v_col + (1 - beta2_t) mean_rows(g^2 + eps)
+        v_hat = v_row v_col^T / mean(v_row)
+        U = g / sqrt(v_hat),   U <- U / max(1, RMS(U) / clip_threshold)
+
+    A 1-D ``g`` keeps an unfactored ``v``. With ``beta1`` set, ``U`` is smoothed by an
+    exponential moving average (``exp_avg``) before it is returned. The learning rate is
+    given explicitly (no relative step sizes, no parameter-scale factor).
+    """
+    beta2_t = 1.0 - float(step) ** decay_rate
+    sq = grad.square().add_(eps)
+    if grad.dim() == 2:
+        row, col = state[prefix + "exp_avg_sq_row"], state[prefix + "exp_avg_sq_col"]
+        row.lerp_(sq.mean(dim=1), 1.0 - beta2_t)
+        col.lerp_(sq.mean(dim=0), 1.0 - beta2_t)
+        row_factor = (row / row.mean()).rsqrt_().unsqueeze(1)
+        col_factor = col.rsqrt().unsqueeze(0)
+        update = grad * row_factor * col_factor
+    else:
+        v = state[prefix + "exp_avg_sq"]
+        v.lerp_(sq, 1.0 - beta2_t)
+        update = grad * v.rsqrt()
+    rms = update.square().mean().sqrt()
+    update.div_((rms / clip_threshold).clamp_(min=1.0))
+    if beta1 is not None:
+        exp_avg = state[prefix + "exp_avg"]
+        exp_avg.lerp_(update, 1.0 - beta1)
+        update = exp_avg.clone()
+    return update
+
+
+def sgd_direction(grad: Tensor, momentum_buffer: Tensor | None, momentum: float, nesterov: bool) -> Tensor:
+    """SGD with heavy-ball momentum, as ``torch.optim.SGD`` (no dampening):
+    ``b <- mu b + g``; ``D = b``, or ``g + mu b`` with Nesterov."""
+    if momentum_buffer is None:
+        return grad.clone()
+    momentum_buffer.mul_(momentum).add_(grad)
+    if nesterov:
+        return grad.add(momentum_buffer, alpha=momentum)
+    return momentum_buffer.clone()
+
+
+# --------------------------------------------------------------------------------------
+# Projection rules.
+# --------------------------------------------------------------------------------------
+
+
+def online_pca_loss(P: Tensor, G: Tensor, ortho_reg: float) -> Tensor:
+    """The online-PCA loss of Online Subspace Descent (reference form, for checking only):
+
+        L(P) = ||P P^T Gn - Gn||_F^2 + ortho_reg * ||P^T P - I||_F^2,   Gn = G / ||G||_F
+
+    ``P``: ``m x r``, ``G``: ``m x n``. It forms ``m x n`` products; the optimizer uses
+    :func:`online_pca_grad` instead.
+    """
+    Gn = G / G.norm()
+    residual = P @ (P.mT @ Gn) - Gn
+    gram = P.mT @ P - torch.eye(P.shape[1], dtype=P.dtype, device=P.device)
+    return residual.square().sum() + ortho_reg * gram.square().sum()
+
+
+def online_pca_grad(P: Tensor, G: Tensor, ortho_reg: float, R: Tensor | None = None, grad_norm: Tensor | float | None = None) -> Tensor:
+    """Closed-form gradient of :func:`online_pca_loss` with respect to ``P``.
+
+    With ``Z = Gn^T P`` (``n x r``), ``Y = Gn Z`` (``m x r``) and ``A = P^T P`` (``r x r``):
+
+        dL/dP = -4 Y + 2 Y A + 2 P (Z^T Z) + 4 ortho_reg P (A - I)
+
+    Cost O(m n r); no ``m x m`` or ``m x n`` temporaries beyond ``G`` itself. ``R = P^T G``
+    (``r x n``) and ``||G||_F`` may be passed when the caller already has them (the
+    optimizer step projects the gradient with the same ``P``), which saves one of the two
+    large matrix products: ``Z = R^T / ||G||``.
+    """
+    if grad_norm is None:
+        grad_norm = G.norm()
+    inv_norm = 1.0 / grad_norm
+    Zt = (P.mT @ G if R is None else R) * inv_norm  # r x n
+    Y = (G @ Zt.mT) * inv_norm  # m x r
+    A = P.mT @ P
+    ZtZ = Zt @ Zt.mT
+    grad = Y @ A
+    grad.add_(Y, alpha=-2.0).add_(P @ ZtZ)
+    if ortho_reg:
+        A.diagonal().sub_(1.0)
+        grad.add_(P @ A, alpha=2.0 * ortho_reg)
+    return grad.mul_(2.0)
+
+
+def svd_basis(G: Tensor, rank: int, side: str) -> Tensor:
+    """Top-``rank`` singular vectors of ``G`` (``m x n``), computed in float32 (GaLore).
+
+    ``side="left"``: the first ``rank`` columns of ``U`` (``m x rank``); ``side="right"``:
+    the first ``rank`` rows of ``V^T``, returned transposed (``n x rank``). The SVD is
+    taken of ``G`` as given for both sides, so the singular vectors (signs included) are
+    the ones ``galore_torch`` gets.
+    """
+    U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
+    basis = U[:, :rank] if side == "left" else Vh[:rank].mT
+    return basis.to(G.dtype).contiguous()
+
+
+def random_basis(dim: int, rank: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A ``dim x rank`` matrix drawn uniformly (Haar) from the orthonormal ones (GoLore).
+
+    QR of a standard Gaussian, with the signs of ``R``'s diagonal moved onto ``Q`` so the
+    distribution is exactly uniform. Drawn on the CPU from ``generator`` and moved to
+    ``device``, so every device and every rank draws the same matrix from the same seed.
+    """
+    gaussian = torch.randn(dim, rank, generator=generator, dtype=torch.float32)
+    Q, R = torch.linalg.qr(gaussian)
+    Q.mul_(torch.sign(R.diagonal()).add_(R.diagonal() == 0))
+    return Q.to(device=device, dtype=dtype)
+
+
+def principal_angles(P: Tensor, Q: Tensor) -> Tensor:
+    """Principal angles (radians, ascending) between the column spans of ``P`` and ``Q``.
+
+    Both are orthonormalised first, so a ``P`` that has drifted from orthonormality is
+    judged by the subspace it spans.
+    """
+    Qp, _ = torch.linalg.qr(P.double())
+    Qq, _ = torch.linalg.qr(Q.double())
+    cosines = torch.linalg.svdvals(Qp.mT @ Qq).clamp(-1.0, 1.0)
+    return torch.arccos(cosines).flip(0)

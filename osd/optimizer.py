@@ -1,0 +1,281 @@
+"""``SubspaceOptimizer``: one subspace step, a pluggable projection rule and inner rule.
+
+For a weight ``W`` with gradient ``G`` in a group that carries a ``rank``:
+
+1. bring ``G`` into canonical orientation (transpose it if the projector acts on columns);
+2. ``projector.prepare``: refresh ``P`` if due (SVD / random every ``update_proj_gap``);
+3. project: ``R = P^T G`` (``r x n``);
+4. inner rule: ``D = rule(R)`` with its state (moments) of ``R``'s shape;
+5. decoupled weight decay ``W <- (1 - lr wd) W``, then ``W <- W - lr * scale * (P D)``;
+6. ``projector.advance``: online PCA moves ``P`` with the same ``G`` (``P_{t+1}`` from ``G_t``).
+
+Groups without a ``rank`` (``rank=None``), parameters that are not 2-D, and weights whose
+rank is at least ``min(m, n)`` are trained full-rank by the same rule (steps 3 and 6 are
+the identity), so the full-rank path is exactly the inner optimizer itself.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from osd.projectors import PROJECTORS, get_projector
+from osd.rules import RULES, get_rule
+
+__all__ = ["SubspaceOptimizer", "PROJ_TYPES", "NONFINITE_POLICIES"]
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+NONFINITE_POLICIES = ("raise", "skip")
+
+# Group keys the optimizer itself reads, with their defaults. The inner rule adds its own
+# (betas, eps, ...).
+SUBSPACE_DEFAULTS: dict[str, Any] = {
+    "rank": None,
+    "update_proj_gap": 200,
+    "scale": 1.0,
+    "proj_type": "std",
+    "projector": "online_pca",
+    "alpha": 5.0,
+    "ortho_reg": 0.1,
+    "proj_optimizer": "adam",
+    "proj_optimizer_args": {},
+    "proj_lr_rule": "alpha",
+    "max_lr": None,
+    "svd_fraction": 0.0,
+    "total_steps": None,
+    "seed": 0,
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _transposed(shape: torch.Size, proj_type: str) -> bool:
+    """Whether the projector acts on the columns (galore_torch's "right" factor).
+
+    ``std``: the smaller side, i.e. columns when ``m >= n``; ``reverse_std``: the larger one.
+    """
+    m, n = shape
+    if proj_type == "std":
+        return m >= n
+    if proj_type == "reverse_std":
+        return m < n
+    return proj_type == "right"
+
+
+class SubspaceOptimizer(torch.optim.Optimizer):
+    """Subspace descent with any projection rule and any inner update rule.
+
+    Args:
+        params: parameters or param groups. Groups with ``rank`` set are projected; the
+            others train full-rank (the ``galore_torch`` convention). Named parameters
+            (``model.named_parameters()``) are accepted and used in error messages.
+        lr: learning rate of the weights (``lr_W``).
+        rule: inner update rule: ``"adamw"``, ``"lion"``, ``"adafactor"`` or ``"sgd"``.
+        projector: ``"online_pca"`` (OSD), ``"svd"`` (GaLore), ``"random"`` (GoLore) or
+            ``"identity"`` (no projection, for checking the one code path against torch).
+        rank: default rank for every group (``None``: full-rank unless a group sets it).
+        update_proj_gap: steps between SVD / random refreshes (``T``); also enters the
+            released-code learning rate of OSD's ``P``.
+        scale: factor on the projected-back update (GaLore's ``alpha``), projected params only.
+        proj_type: side the projector acts on: ``"std"`` (smaller side), ``"reverse_std"``,
+            ``"left"``, ``"right"``, as in ``galore_torch``.
+        alpha: OSD, ``lr_P = alpha * lr_W(t)`` (paper: 5).
+        ortho_reg: OSD, ``lambda`` of the orthonormality term (paper: 0.1).
+        proj_optimizer: OSD, optimizer of ``P``: ``"adam"``, ``"adamw"``, ``"lion"``, ``"sgd"``,
+            ``"adafactor"``; ``proj_optimizer_args`` overrides its hyperparameters.
+        proj_lr_rule: OSD, ``"alpha"`` (paper) or ``"released"`` (``lr_W(t) / (max_lr * T)``);
+            see :func:`osd.projectors.proj_lr`.
+        max_lr: peak lr for ``proj_lr_rule="released"`` (default: the scheduler's ``initial_lr``).
+        svd_fraction, total_steps: GoLore, SVD for the first ``svd_fraction * total_steps``
+            steps, random after.
+        seed: seed of the random projections (each parameter derives its own).
+        nonfinite: a NaN or Inf in any gradient ``"raise"``s ``FloatingPointError`` naming
+            the parameter (default), or ``"skip"``s the whole step, leaving weights and all
+            state untouched and counting it in ``skipped_steps``.
+        **rule_hparams: the inner rule's hyperparameters (e.g. ``betas``, ``eps``,
+            ``weight_decay`` for AdamW; ``sign_space`` for Lion).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],
+        lr: float = 1e-3,
+        *,
+        rule: str = "adamw",
+        projector: str = "online_pca",
+        nonfinite: str = "raise",
+        **kwargs: Any,
+    ) -> None:
+        inner = get_rule(rule)
+        get_projector(projector)
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        unknown = set(kwargs) - set(SUBSPACE_DEFAULTS) - set(inner.defaults)
+        if unknown:
+            raise TypeError(
+                f"unknown hyperparameter(s) {sorted(unknown)} for rule {rule!r}; "
+                f"it takes {sorted(inner.defaults)} and the subspace keys {sorted(SUBSPACE_DEFAULTS)}"
+            )
+        defaults = {"lr": lr, "rule": rule, **SUBSPACE_DEFAULTS, "projector": projector, **inner.defaults, **kwargs}
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------------------------
+    # Param groups
+    # ----------------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, as ``torch.optim.Optimizer`` does, and check its hyperparameters."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate_group(group)
+        except Exception:
+            self.param_groups.pop()
+            raise
+        for p in group["params"]:
+            if p.is_complex():
+                self.param_groups.pop()
+                raise ValueError(f"complex parameter {self._param_name(group, p)} is not supported")
+            if group["rank"] is not None and p.dim() != 2:
+                # Documented fallback: vectors and >2-D tensors in a rank group train full-rank.
+                warnings.warn(
+                    f"parameter {self._param_name(group, p)} of shape {tuple(p.shape)} is in a group with rank="
+                    f"{group['rank']} but is not 2-D; it is trained full-rank",
+                    stacklevel=3,
+                )
+
+    @staticmethod
+    def _validate_group(group: dict[str, Any]) -> None:
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            lr = lr.item()
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0.0:
+            raise ValueError(f"lr must be a number >= 0, got {group['lr']!r}")
+        rule = get_rule(group["rule"])
+        rule.validate(rule.hparams(group))
+        projector = get_projector(group["projector"])
+        rank = group["rank"]
+        if rank is not None and (not _is_int(rank) or rank <= 0):
+            raise ValueError(f"rank must be a positive int (or None for full rank), got {rank!r}")
+        gap = group["update_proj_gap"]
+        if not _is_int(gap) or gap <= 0:
+            raise ValueError(f"update_proj_gap must be a positive int, got {gap!r}")
+        scale = group["scale"]
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0.0:
+            raise ValueError(f"scale must be a number > 0, got {scale!r}")
+        if group["proj_type"] not in PROJ_TYPES:
+            raise ValueError(f"proj_type must be one of {PROJ_TYPES} (GaLore's 'full' is not supported), got {group['proj_type']!r}")
+        if not _is_int(group["seed"]):
+            raise ValueError(f"seed must be an int, got {group['seed']!r}")
+        projector.validate(group)
+
+    @staticmethod
+    def _param_name(group: dict[str, Any], p: Tensor) -> str:
+        names = group.get("param_names")
+        index = next(i for i, q in enumerate(group["params"]) if q is p)
+        return repr(names[index]) if names else f"#{index} of its group"
+
+    # ----------------------------------------------------------------------------------
+    # The step
+    # ----------------------------------------------------------------------------------
+
+    def _gradients(self) -> list[tuple[dict[str, Any], Tensor]]:
+        """(group, param) for every parameter with a gradient; refuses sparse and complex ones."""
+        pairs = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"parameter {self._param_name(group, p)} has a sparse gradient, which is not supported")
+                if p.grad.is_complex():
+                    raise RuntimeError(f"parameter {self._param_name(group, p)} has a complex gradient, which is not supported")
+                pairs.append((group, p))
+        return pairs
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One optimization step over every parameter that has a gradient.
+
+        The gradients' norms are computed first in one pass (``torch._foreach_norm``) and
+        checked for NaN/Inf before any state changes; online PCA reuses them as ``||G||_F``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pairs = self._gradients()
+        if not pairs:
+            return loss
+        norms = torch._foreach_norm([p.grad for _, p in pairs])
+        if not torch.isfinite(torch.stack(norms)).all():
+            if self.nonfinite == "skip":
+                self.skipped_steps += 1
+                return loss
+            group, p = next(pair for pair, norm in zip(pairs, norms) if not torch.isfinite(norm))
+            raise FloatingPointError(
+                f"non-finite gradient (NaN or Inf) in parameter {self._param_name(group, p)} of shape "
+                f"{tuple(p.shape)}; nothing was updated (pass nonfinite='skip' to skip such steps)"
+            )
+        for (group, p), norm in zip(pairs, norms):
+            self._update_param(group, p, norm)
+        return loss
+
+    def _update_param(self, group: dict[str, Any], p: Tensor, grad_norm: Tensor) -> None:
+        state = self.state[p]
+        if not state:
+            self._init_state(group, p)
+        projector = PROJECTORS[state["projector"]]
+        rule = RULES[group["rule"]]
+        hparams = rule.hparams(group)
+
+        G = p.grad.mT if state["transposed"] else p.grad
+        projector.prepare(state, G, group)
+        P = state.get("proj")
+        R = G if P is None else P.mT @ G
+        direction = rule.direction(R, state, hparams, state["step"] + 1, "")
+        update = direction if P is None else P @ direction
+        update = rule.finalize(update, hparams)
+
+        lr = group["lr"]
+        if hparams["weight_decay"]:
+            p.mul_(1.0 - lr * hparams["weight_decay"])
+        scale = group["scale"] if P is not None else 1.0
+        p.add_(update.mT if state["transposed"] else update, alpha=-lr * scale)
+        projector.advance(state, G, R, grad_norm, group)
+        state["step"] += 1
+
+    def _init_state(self, group: dict[str, Any], p: Tensor) -> None:
+        """Per-parameter state: the projector's (``P`` ...) and the inner rule's (moments)."""
+        state = self.state[p]
+        rank = group["rank"]
+        projected = rank is not None and p.dim() == 2 and rank < min(p.shape)
+        projector = get_projector(group["projector"] if projected else "identity")
+        state["step"] = 0
+        state["projector"] = projector.name
+        state["transposed"] = projected and _transposed(p.shape, group["proj_type"])
+        if projected:
+            state["rank"] = rank
+            state["seed"] = hash((group["seed"], self._param_index(p))) % (2**31)
+        G = p.grad.mT if state["transposed"] else p.grad
+        projector.init_state(state, G, rank, group)
+        low_rank_like = G if not projected else G.new_empty(rank, G.shape[1])
+        rule = RULES[group["rule"]]
+        state.update(rule.init_state(low_rank_like, rule.hparams(group), ""))
+
+    def _param_index(self, p: Tensor) -> int:
+        """Position of ``p`` among all parameters, the same as in ``state_dict()``."""
+        index = 0
+        for group in self.param_groups:
+            for q in group["params"]:
+                if q is p:
+                    return index
+                index += 1
+        raise KeyError("parameter not in this optimizer")

@@ -1,0 +1,99 @@
+"""Named optimizers (``OSDAdamW``, ``GaLoreAdamW``, ...) and the name-based factory.
+
+A name is ``<method>_<rule>``: the method picks the projection rule (``osd`` = online PCA,
+``galore`` = SVD, ``golore`` = random) and the rule the inner optimizer (``adamw``,
+``lion``, ``adafactor``, ``sgd``). A bare rule name (``adamw``, ``lion``, ...) is the
+full-rank optimizer; ``adamw`` is ``torch.optim.AdamW`` itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from osd.param_groups import param_groups
+from osd.optimizer import SubspaceOptimizer
+from osd.rules import RULES
+
+__all__ = [
+    "METHODS",
+    "OSDAdamW",
+    "GaLoreAdamW",
+    "GoLoreAdamW",
+    "OSDLion",
+    "GaLoreLion",
+    "GoLoreLion",
+    "OSDAdafactor",
+    "GaLoreAdafactor",
+    "OSDSGD",
+    "GaLoreSGD",
+    "optimizer_names",
+    "create_optimizer",
+]
+
+METHODS: dict[str, str] = {"osd": "online_pca", "galore": "svd", "golore": "random"}
+
+
+def _named(class_name: str, method: str, rule: str) -> type[SubspaceOptimizer]:
+    projector = METHODS[method]
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, **kwargs: Any) -> None:
+        SubspaceOptimizer.__init__(self, params, lr, rule=rule, projector=projector, **kwargs)
+
+    doc = (
+        f"{class_name}: the ``{rule}`` rule in a subspace moved by the ``{projector}`` projector.\n\n"
+        f"Same as ``SubspaceOptimizer(params, lr, rule={rule!r}, projector={projector!r}, **kwargs)``; "
+        "param groups with a ``rank`` are projected, the others train full-rank."
+    )
+    return type(class_name, (SubspaceOptimizer,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+OSDAdamW = _named("OSDAdamW", "osd", "adamw")
+GaLoreAdamW = _named("GaLoreAdamW", "galore", "adamw")
+GoLoreAdamW = _named("GoLoreAdamW", "golore", "adamw")
+OSDLion = _named("OSDLion", "osd", "lion")
+GaLoreLion = _named("GaLoreLion", "galore", "lion")
+GoLoreLion = _named("GoLoreLion", "golore", "lion")
+OSDAdafactor = _named("OSDAdafactor", "osd", "adafactor")
+GaLoreAdafactor = _named("GaLoreAdafactor", "galore", "adafactor")
+OSDSGD = _named("OSDSGD", "osd", "sgd")
+GaLoreSGD = _named("GaLoreSGD", "galore", "sgd")
+
+
+def optimizer_names() -> list[str]:
+    """Every name :func:`create_optimizer` accepts."""
+    return sorted(RULES) + [f"{method}_{rule}" for method in METHODS for rule in RULES]
+
+
+def create_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    rank: int | None = None,
+    target_modules: Iterable[str] = ("attn", "mlp"),
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
+    """Build optimizer ``name`` for ``model``.
+
+    Subspace optimizers (``osd_adamw``, ``galore_lion``, ...) project the 2-D Linear
+    weights of the modules matching ``target_modules`` at ``rank`` (see
+    :func:`osd.param_groups`); everything else trains full-rank. ``kwargs`` are the
+    optimizer's hyperparameters (``weight_decay``, ``update_proj_gap``, ``scale``, ...).
+
+    Example: ``create_optimizer(model, "osd_adamw", lr=1e-3, rank=128, scale=0.25)``.
+    """
+    method, _, rule = name.rpartition("_")
+    if name not in optimizer_names():
+        raise ValueError(f"unknown optimizer {name!r}; known: {optimizer_names()}")
+    if not method:
+        if rank is not None:
+            raise ValueError(f"optimizer {name!r} is full-rank; rank={rank} applies only to osd_/galore_/golore_ optimizers")
+        if name == "adamw":
+            return torch.optim.AdamW(model.parameters(), lr=lr, **kwargs)
+        return SubspaceOptimizer(model.parameters(), lr, rule=rule, projector="identity", **kwargs)
+    if rank is None:
+        raise ValueError(f"optimizer {name!r} projects gradients and needs a rank")
+    groups = param_groups(model, rank=rank, target_modules=target_modules)
+    return SubspaceOptimizer(groups, lr, rule=rule, projector=METHODS[method], **kwargs)

@@ -1,0 +1,186 @@
+"""Projection rules: how the projection matrix ``P`` of a weight moves.
+
+Every rule works on the gradient in canonical orientation (``G``: ``m x n``, ``P``:
+``m x r``, see ``osd.functional``) and keeps all of its state as tensors and plain Python
+values inside the optimizer's per-parameter state, so ``state_dict()`` loads with
+``torch.load(weights_only=True)`` and a resumed run continues exactly:
+
+- ``state["proj"]``: ``P``;
+- ``state["transposed"]``: whether the weight was transposed into canonical orientation;
+- ``state["seed"]``: the parameter's seed for random draws;
+- ``state["proj_*"]``: the state of ``P``'s own optimizer (online PCA only).
+
+A rule has two hooks around the weight update of step ``t`` (``state["step"]``, from 0):
+``prepare`` runs before it (refresh ``P`` when due) and ``advance`` after it (move ``P``
+with the same gradient, so the weight update uses ``P_t`` and ``P_{t+1}`` comes from
+``G_t``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from osd import functional as F
+from osd.rules import PROJ_RULES
+
+__all__ = ["Projector", "SVDProjector", "RandomProjector", "OnlinePCAProjector", "PROJECTORS", "get_projector", "proj_lr"]
+
+PROJ_LR_RULES = ("alpha", "released")
+
+
+def proj_lr(group: dict[str, Any]) -> float:
+    """Learning rate of ``P``'s optimizer at the current step.
+
+    - ``proj_lr_rule="alpha"`` (the paper, default): ``lr_P = alpha * lr_W(t)``.
+    - ``proj_lr_rule="released"`` (the released code): ``lr_P = lr_W(t) / (max_lr * update_proj_gap)``,
+      where ``max_lr`` is the group's ``max_lr`` if set, else ``initial_lr`` (which torch LR
+      schedulers record), else the current ``lr``.
+    """
+    lr = group["lr"]
+    if group["proj_lr_rule"] == "alpha":
+        return group["alpha"] * lr
+    max_lr = group.get("max_lr") or group.get("initial_lr") or lr
+    return lr / (max_lr * group["update_proj_gap"])
+
+
+def _svd_or_fallback(G: Tensor, rank: int, state: dict[str, Any]) -> Tensor:
+    """GaLore's basis of ``G`` (canonical orientation), with GaLore's singular-vector signs.
+
+    The SVD is taken of the weight's own gradient (``G^T`` when transposed), as
+    ``galore_torch`` does. Should LAPACK fail to converge, the previous ``P`` is kept (or a
+    random basis drawn if there is none) with a warning, instead of crashing the run.
+    """
+    try:
+        if state["transposed"]:
+            return F.svd_basis(G.mT, rank, side="right")
+        return F.svd_basis(G, rank, side="left")
+    except torch.linalg.LinAlgError as error:
+        warnings.warn(f"SVD of a {tuple(G.shape)} gradient failed ({error}); keeping the previous projection")
+        if "proj" in state:
+            return state["proj"]
+        return F.random_basis(G.shape[0], rank, _generator(state, 0), G.dtype, G.device)
+
+
+def _generator(state: dict[str, Any], step: int) -> torch.Generator:
+    """A CPU generator for this parameter and step: the same on every device, rank and resume."""
+    return torch.Generator().manual_seed(hash((state["seed"], step)) % (2**63))
+
+
+class Projector:
+    """The identity: no projection. Used for full-rank parameters."""
+
+    name = "identity"
+    projects = False
+
+    def validate(self, group: dict[str, Any]) -> None:
+        """Raise ``ValueError`` naming a bad group hyperparameter of this rule."""
+
+    def init_state(self, state: dict[str, Any], G: Tensor, rank: int, group: dict[str, Any]) -> None:
+        """Create the rule's state for a parameter whose first canonical gradient is ``G``."""
+
+    def prepare(self, state: dict[str, Any], G: Tensor, group: dict[str, Any]) -> None:
+        """Before the weight update of step ``state["step"]``: refresh ``P`` if due."""
+
+    def advance(self, state: dict[str, Any], G: Tensor, R: Tensor, grad_norm: Tensor, group: dict[str, Any]) -> None:
+        """After the weight update: move ``P`` using ``G``, ``R = P^T G`` and ``||G||_F``."""
+
+
+class SVDProjector(Projector):
+    """GaLore: ``P`` = top-``r`` singular vectors of the gradient every ``update_proj_gap`` steps."""
+
+    name = "svd"
+    projects = True
+
+    def prepare(self, state: dict[str, Any], G: Tensor, group: dict[str, Any]) -> None:
+        if state["step"] % group["update_proj_gap"] == 0:
+            state["proj"] = _svd_or_fallback(G, state["rank"], state)
+
+
+class RandomProjector(Projector):
+    """GoLore: ``P`` drawn uniformly from the orthonormal ``m x r`` matrices every
+    ``update_proj_gap`` steps; SVD (GaLore) instead for the first
+    ``svd_fraction * total_steps`` steps (GoLore@20%: ``svd_fraction=0.2``)."""
+
+    name = "random"
+    projects = True
+
+    def validate(self, group: dict[str, Any]) -> None:
+        fraction, total = group["svd_fraction"], group["total_steps"]
+        if not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"svd_fraction must be in [0, 1], got {fraction!r}")
+        if fraction > 0 and (not isinstance(total, int) or isinstance(total, bool) or total <= 0):
+            raise ValueError(f"svd_fraction > 0 needs total_steps, a positive int; got {total!r}")
+
+    def prepare(self, state: dict[str, Any], G: Tensor, group: dict[str, Any]) -> None:
+        step = state["step"]
+        if step % group["update_proj_gap"] != 0:
+            return
+        if group["svd_fraction"] > 0 and step < group["svd_fraction"] * group["total_steps"]:
+            state["proj"] = _svd_or_fallback(G, state["rank"], state)
+        else:
+            state["proj"] = F.random_basis(G.shape[0], state["rank"], _generator(state, step), G.dtype, G.device)
+
+
+class OnlinePCAProjector(Projector):
+    """Online Subspace Descent: ``P`` from the SVD of the first gradient, then one step of
+    its own optimizer (``proj_optimizer``) every step on the online-PCA loss
+    ``||P P^T Gn - Gn||^2 + ortho_reg ||P^T P - I||^2`` with learning rate :func:`proj_lr`."""
+
+    name = "online_pca"
+    projects = True
+
+    @staticmethod
+    def _proj_rule(group: dict[str, Any]):
+        rule, overrides = PROJ_RULES[group["proj_optimizer"]]
+        return rule, rule.hparams({**overrides, **group["proj_optimizer_args"]})
+
+    def validate(self, group: dict[str, Any]) -> None:
+        alpha, ortho_reg = group["alpha"], group["ortho_reg"]
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0.0:
+            raise ValueError(f"alpha (P's learning rate as a multiple of lr) must be > 0, got {alpha!r}")
+        if not isinstance(ortho_reg, (int, float)) or isinstance(ortho_reg, bool) or not ortho_reg >= 0.0:
+            raise ValueError(f"ortho_reg (lambda) must be >= 0, got {ortho_reg!r}")
+        if group["proj_lr_rule"] not in PROJ_LR_RULES:
+            raise ValueError(f"proj_lr_rule must be one of {PROJ_LR_RULES}, got {group['proj_lr_rule']!r}")
+        if group["proj_optimizer"] not in PROJ_RULES:
+            raise ValueError(f"unknown proj_optimizer {group['proj_optimizer']!r}; known: {sorted(PROJ_RULES)}")
+        args = group["proj_optimizer_args"]
+        if not isinstance(args, dict):
+            raise ValueError(f"proj_optimizer_args must be a dict, got {args!r}")
+        rule, _ = PROJ_RULES[group["proj_optimizer"]]
+        unknown = set(args) - set(rule.defaults)
+        if unknown:
+            raise ValueError(f"proj_optimizer_args has keys {sorted(unknown)} that {rule.name} does not take; it takes {sorted(rule.defaults)}")
+        rule.validate(self._proj_rule(group)[1])
+
+    def init_state(self, state: dict[str, Any], G: Tensor, rank: int, group: dict[str, Any]) -> None:
+        state["proj"] = _svd_or_fallback(G, rank, state)
+        rule, hparams = self._proj_rule(group)
+        state.update(rule.init_state(state["proj"], hparams, "proj_"))
+
+    def advance(self, state: dict[str, Any], G: Tensor, R: Tensor, grad_norm: Tensor, group: dict[str, Any]) -> None:
+        P = state["proj"]
+        rule, hparams = self._proj_rule(group)
+        # A zero gradient leaves only the orthonormality term: clamp instead of branching on
+        # the norm, which would synchronise with the device.
+        loss_grad = F.online_pca_grad(P, G, group["ortho_reg"], R=R, grad_norm=grad_norm.clamp_min(1e-30))
+        direction = rule.direction(loss_grad, state, hparams, state["step"] + 1, "proj_")
+        lr = proj_lr(group)
+        if hparams["weight_decay"]:
+            P.mul_(1.0 - lr * hparams["weight_decay"])
+        P.add_(direction, alpha=-lr)
+
+
+PROJECTORS: dict[str, Projector] = {p.name: p for p in (Projector(), SVDProjector(), RandomProjector(), OnlinePCAProjector())}
+
+
+def get_projector(name: str) -> Projector:
+    """The projection rule registered as ``name``; ``ValueError`` listing the known ones otherwise."""
+    try:
+        return PROJECTORS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown projector {name!r}; known projectors: {sorted(PROJECTORS)}") from None

@@ -1,0 +1,219 @@
+"""Inner update rules: what an optimizer does with a (possibly low-rank) gradient.
+
+A rule owns the names, defaults and checks of its hyperparameters and the state tensors it
+keeps; the maths lives in ``osd.functional``. The same rules drive both the weights (on
+the projected gradient ``R``) and Online Subspace Descent's projection matrix ``P`` (on
+``dL/dP``), where their state keys carry the prefix ``proj_``.
+
+Every rule returns a direction ``D``; the caller applies ``W -= lr * D`` and the decoupled
+weight decay ``W -= lr * weight_decay * W``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from osd import functional as F
+
+__all__ = ["UpdateRule", "RULES", "get_rule"]
+
+
+def _check_betas(name: str, betas: Any) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{name} must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"{name}[{i}] must be in [0, 1), got {beta!r}")
+
+
+def _check_nonnegative(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0.0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """An inner optimizer: hyperparameter defaults, their checks, state and direction.
+
+    Attributes:
+        name: registry name (``"adamw"``, ``"lion"``, ...).
+        defaults: hyperparameters and their default values (``weight_decay`` included).
+        validate: raises ``ValueError`` naming a bad hyperparameter.
+        init_state: ``(like, hparams, prefix) -> {key: zeros}``, the state for a gradient
+            shaped like ``like``.
+        direction: ``(grad, state, hparams, step, prefix) -> D``; ``step`` counts from 1.
+        finalize: applied to the full-size update after projecting back (identity for all
+            rules but Lion with ``sign_space="full"``).
+    """
+
+    name: str
+    defaults: dict[str, Any]
+    validate: Callable[[dict[str, Any]], None]
+    init_state: Callable[[Tensor, dict[str, Any], str], dict[str, Tensor]]
+    direction: Callable[[Tensor, dict[str, Tensor], dict[str, Any], int, str], Tensor]
+    finalize: Callable[[Tensor, dict[str, Any]], Tensor] = lambda update, hparams: update
+
+    def hparams(self, source: dict[str, Any]) -> dict[str, Any]:
+        """This rule's hyperparameters, read from ``source`` with the rule's defaults behind it."""
+        return {key: source.get(key, default) for key, default in self.defaults.items()}
+
+
+# --- AdamW ----------------------------------------------------------------------------
+
+
+def _adamw_validate(h: dict[str, Any]) -> None:
+    _check_betas("betas", h["betas"])
+    _check_nonnegative("eps", h["eps"])
+    _check_nonnegative("weight_decay", h["weight_decay"])
+
+
+def _adamw_init(like: Tensor, h: dict, prefix: str) -> dict[str, Tensor]:
+    return {
+        prefix + "exp_avg": torch.zeros_like(like, memory_format=torch.preserve_format),
+        prefix + "exp_avg_sq": torch.zeros_like(like, memory_format=torch.preserve_format),
+    }
+
+
+def _adamw_direction(grad: Tensor, state: dict, h: dict, step: int, prefix: str) -> Tensor:
+    beta1, beta2 = h["betas"]
+    return F.adamw_direction(grad, state[prefix + "exp_avg"], state[prefix + "exp_avg_sq"], step, beta1, beta2, h["eps"])
+
+
+ADAMW = UpdateRule(
+    name="adamw",
+    defaults={"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+    validate=_adamw_validate,
+    init_state=_adamw_init,
+    direction=_adamw_direction,
+)
+
+
+# --- Lion -----------------------------------------------------------------------------
+
+SIGN_SPACES = ("subspace", "full")
+
+
+def _lion_validate(h: dict[str, Any]) -> None:
+    _check_betas("betas", h["betas"])
+    _check_nonnegative("weight_decay", h["weight_decay"])
+    if h["sign_space"] not in SIGN_SPACES:
+        raise ValueError(f"sign_space must be one of {SIGN_SPACES}, got {h['sign_space']!r}")
+
+
+def _lion_init(like: Tensor, h: dict, prefix: str) -> dict[str, Tensor]:
+    return {prefix + "exp_avg": torch.zeros_like(like, memory_format=torch.preserve_format)}
+
+
+def _lion_direction(grad: Tensor, state: dict, h: dict, step: int, prefix: str) -> Tensor:
+    beta1, beta2 = h["betas"]
+    return F.lion_direction(grad, state[prefix + "exp_avg"], beta1, beta2, apply_sign=h["sign_space"] == "subspace")
+
+
+def _lion_finalize(update: Tensor, h: dict[str, Any]) -> Tensor:
+    return update.sign_() if h["sign_space"] == "full" else update
+
+
+LION = UpdateRule(
+    name="lion",
+    defaults={"betas": (0.9, 0.99), "weight_decay": 0.0, "sign_space": "subspace"},
+    validate=_lion_validate,
+    init_state=_lion_init,
+    direction=_lion_direction,
+    finalize=_lion_finalize,
+)
+
+
+# --- Adafactor ------------------------------------------------------------------------
+
+
+def _adafactor_validate(h: dict[str, Any]) -> None:
+    if not isinstance(h["decay_rate"], (int, float)) or not h["decay_rate"] < 0.0:
+        raise ValueError(f"decay_rate must be < 0 (beta2_t = 1 - t^decay_rate), got {h['decay_rate']!r}")
+    _check_nonnegative("eps", h["eps"])
+    if not isinstance(h["clip_threshold"], (int, float)) or not h["clip_threshold"] > 0.0:
+        raise ValueError(f"clip_threshold must be > 0, got {h['clip_threshold']!r}")
+    if h["beta1"] is not None and (not isinstance(h["beta1"], (int, float)) or not 0.0 <= h["beta1"] < 1.0):
+        raise ValueError(f"beta1 must be None or in [0, 1), got {h['beta1']!r}")
+    _check_nonnegative("weight_decay", h["weight_decay"])
+
+
+def _adafactor_init(like: Tensor, h: dict, prefix: str) -> dict[str, Tensor]:
+    if like.dim() == 2:
+        state = {
+            prefix + "exp_avg_sq_row": like.new_zeros(like.shape[0]),
+            prefix + "exp_avg_sq_col": like.new_zeros(like.shape[1]),
+        }
+    else:
+        state = {prefix + "exp_avg_sq": torch.zeros_like(like)}
+    if h["beta1"] is not None:
+        state[prefix + "exp_avg"] = torch.zeros_like(like)
+    return state
+
+
+def _adafactor_direction(grad: Tensor, state: dict, h: dict, step: int, prefix: str) -> Tensor:
+    return F.adafactor_direction(grad, state, step, h["decay_rate"], h["eps"], h["clip_threshold"], h["beta1"], prefix)
+
+
+ADAFACTOR = UpdateRule(
+    name="adafactor",
+    defaults={"decay_rate": -0.8, "eps": 1e-30, "clip_threshold": 1.0, "beta1": None, "weight_decay": 0.0},
+    validate=_adafactor_validate,
+    init_state=_adafactor_init,
+    direction=_adafactor_direction,
+)
+
+
+# --- SGD with momentum ----------------------------------------------------------------
+
+
+def _sgd_validate(h: dict[str, Any]) -> None:
+    if not isinstance(h["momentum"], (int, float)) or not 0.0 <= h["momentum"] < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {h['momentum']!r}")
+    if h["nesterov"] and h["momentum"] == 0.0:
+        raise ValueError("nesterov=True needs momentum > 0")
+    _check_nonnegative("weight_decay", h["weight_decay"])
+
+
+def _sgd_init(like: Tensor, h: dict, prefix: str) -> dict[str, Tensor]:
+    if h["momentum"] == 0.0:
+        return {}
+    return {prefix + "momentum_buffer": torch.zeros_like(like, memory_format=torch.preserve_format)}
+
+
+def _sgd_direction(grad: Tensor, state: dict, h: dict, step: int, prefix: str) -> Tensor:
+    return F.sgd_direction(grad, state.get(prefix + "momentum_buffer"), h["momentum"], h["nesterov"])
+
+
+SGD = UpdateRule(
+    name="sgd",
+    defaults={"momentum": 0.9, "nesterov": False, "weight_decay": 0.0},
+    validate=_sgd_validate,
+    init_state=_sgd_init,
+    direction=_sgd_direction,
+)
+
+
+RULES: dict[str, UpdateRule] = {rule.name: rule for rule in (ADAMW, LION, ADAFACTOR, SGD)}
+
+# Rules for Online Subspace Descent's projection matrix. "adam" is AdamW without weight
+# decay (the paper's choice); "adamw" carries torch's default decay 0.01, as the released
+# code's torch.optim.AdamW does.
+PROJ_RULES: dict[str, tuple[UpdateRule, dict[str, Any]]] = {
+    "adam": (ADAMW, {"weight_decay": 0.0}),
+    "adamw": (ADAMW, {"weight_decay": 0.01}),
+    "lion": (LION, {}),
+    "sgd": (SGD, {"momentum": 0.0}),
+    "adafactor": (ADAFACTOR, {}),
+}
+
+
+def get_rule(name: str) -> UpdateRule:
+    """The inner rule registered as ``name``; ``ValueError`` listing the known ones otherwise."""
+    try:
+        return RULES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown update rule {name!r}; known rules: {sorted(RULES)}") from None
