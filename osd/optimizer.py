@@ -232,7 +232,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             self._init_state(group, p)
-        projector = PROJECTORS[state["projector"]]
+        # Only projected parameters carry a rank in their state (no strings there: torch's
+        # load_state_dict would mangle them).
+        projector = PROJECTORS[group["projector"] if "rank" in state else "identity"]
         rule = RULES[group["rule"]]
         hparams = rule.hparams(group)
 
@@ -256,10 +258,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         """Per-parameter state: the projector's (``P`` ...) and the inner rule's (moments)."""
         state = self.state[p]
         rank = group["rank"]
-        projected = rank is not None and p.dim() == 2 and rank < min(p.shape)
-        projector = get_projector(group["projector"] if projected else "identity")
+        projector = get_projector(group["projector"])
+        projected = projector.projects and rank is not None and p.dim() == 2 and rank < min(p.shape)
+        if not projected:
+            projector = get_projector("identity")
         state["step"] = 0
-        state["projector"] = projector.name
         state["transposed"] = projected and _transposed(p.shape, group["proj_type"])
         if projected:
             state["rank"] = rank

@@ -1,0 +1,143 @@
+"""Bad input gets an error that names the problem; non-finite gradients poison nothing."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import osd
+
+
+def matrix(shape=(8, 12), seed: int = 0) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"rank": 0}, "rank must be a positive int"),
+        ({"rank": -3}, "rank must be a positive int"),
+        ({"rank": 2.5}, "rank must be a positive int"),
+        ({"rank": True}, "rank must be a positive int"),
+        ({"rank": "4"}, "rank must be a positive int"),
+        ({"lr": -1e-3}, "lr must be a number >= 0"),
+        ({"betas": (1.0, 0.999)}, r"betas\[0\] must be in \[0, 1\)"),
+        ({"betas": (0.9, -0.1)}, r"betas\[1\] must be in \[0, 1\)"),
+        ({"betas": 0.9}, "betas must be a pair"),
+        ({"eps": -1.0}, "eps must be a number >= 0"),
+        ({"weight_decay": -0.1}, "weight_decay must be a number >= 0"),
+        ({"alpha": 0.0}, "alpha .* must be > 0"),
+        ({"alpha": -5}, "alpha .* must be > 0"),
+        ({"ortho_reg": -0.1}, "ortho_reg .* must be >= 0"),
+        ({"update_proj_gap": 0}, "update_proj_gap must be a positive int"),
+        ({"scale": 0.0}, "scale must be a number > 0"),
+        ({"proj_type": "full"}, "proj_type must be one of"),
+        ({"proj_optimizer": "adagrad"}, "unknown proj_optimizer 'adagrad'"),
+        ({"proj_optimizer_args": {"momentum": 0.5}}, "proj_optimizer_args has keys \\['momentum'\\]"),
+        ({"proj_lr_rule": "cosine"}, "proj_lr_rule must be one of"),
+        ({"projector": "qr"}, "unknown projector 'qr'"),
+        ({"rule": "adagrad"}, "unknown update rule 'adagrad'"),
+        ({"projector": "random", "svd_fraction": 0.2}, "svd_fraction > 0 needs total_steps"),
+        ({"projector": "random", "svd_fraction": 1.5, "total_steps": 10}, r"svd_fraction must be in \[0, 1\]"),
+        ({"nonfinite": "ignore"}, "nonfinite must be one of"),
+    ],
+)
+def test_bad_hyperparameters_are_named(kwargs: dict, message: str) -> None:
+    kwargs = {"rank": 4, **kwargs}
+    rank = kwargs.pop("rank")
+    with pytest.raises(ValueError, match=message):
+        osd.SubspaceOptimizer([{"params": [matrix()], "rank": rank}], **kwargs)
+
+
+def test_bad_group_added_later_is_refused_and_not_kept() -> None:
+    opt = osd.OSDAdamW([matrix()], lr=1e-3)
+    with pytest.raises(ValueError, match="rank must be a positive int"):
+        opt.add_param_group({"params": [matrix(seed=1)], "rank": 0})
+    assert len(opt.param_groups) == 1
+
+
+def test_rule_specific_errors() -> None:
+    with pytest.raises(ValueError, match="sign_space must be one of"):
+        osd.OSDLion([matrix()], sign_space="both")
+    with pytest.raises(ValueError, match="nesterov=True needs momentum > 0"):
+        osd.SubspaceOptimizer([matrix()], rule="sgd", momentum=0.0, nesterov=True)
+    with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) \['betas'\] for rule 'adafactor'"):
+        osd.OSDAdafactor([matrix()], betas=(0.9, 0.99))
+    with pytest.raises(ValueError, match="unknown optimizer 'osd_adam'"):
+        osd.create_optimizer(torch.nn.Linear(4, 4), "osd_adam", lr=1e-3, rank=2)
+    with pytest.raises(ValueError, match="needs a rank"):
+        osd.create_optimizer(torch.nn.Linear(4, 4), "galore_adamw", lr=1e-3)
+
+
+def test_sparse_and_complex_gradients_are_refused() -> None:
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = osd.OSDAdamW([{"params": [emb.weight], "rank": 2}], lr=1e-3)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradient"):
+        opt.step()
+    with pytest.raises(ValueError, match="complex parameter"):
+        osd.OSDAdamW([torch.nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))])
+
+
+def test_non_2d_parameter_in_rank_group_falls_back_to_full_rank_with_a_warning() -> None:
+    vector, conv = torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(4, 3, 2, 2))
+    with pytest.warns(UserWarning, match=r"not 2-D; it is trained full-rank"):
+        opt = osd.OSDAdamW([{"params": [vector, conv], "rank": 2}], lr=1e-3)
+    vector.grad, conv.grad = torch.randn(6), torch.randn(4, 3, 2, 2)
+    opt.step()
+    assert opt.state[conv]["exp_avg"].shape == conv.shape and "proj" not in opt.state[conv]
+
+
+def test_param_names_appear_in_errors() -> None:
+    model = torch.nn.Linear(6, 4)
+    opt = osd.OSDAdamW(model.named_parameters(), lr=1e-3)
+    model.weight.grad = torch.full((4, 6), float("nan"))
+    model.bias.grad = torch.zeros(4)
+    with pytest.raises(FloatingPointError, match="'weight'"):
+        opt.step()
+
+
+@pytest.mark.parametrize("projector", ["online_pca", "svd", "random", "identity"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_raises_and_leaves_everything_untouched(projector: str, bad: float) -> None:
+    param = matrix()
+    opt = osd.SubspaceOptimizer([{"params": [param], "rank": 3}], projector=projector, lr=1e-2)
+    param.grad = torch.randn(8, 12)
+    opt.step()
+    before = param.detach().clone(), {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[param].items()}
+    param.grad = torch.randn(8, 12)
+    param.grad[2, 3] = bad
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient .* shape \(8, 12\)"):
+        opt.step()
+    assert torch.equal(param, before[0])
+    for key, value in opt.state[param].items():
+        assert torch.equal(value, before[1][key]) if torch.is_tensor(value) else value == before[1][key]
+
+
+def test_nonfinite_gradient_skip_policy_skips_the_whole_step() -> None:
+    good, poisoned = matrix(seed=1), matrix(seed=2)
+    opt = osd.OSDAdamW([{"params": [good, poisoned], "rank": 3}], lr=1e-2, nonfinite="skip")
+    good.grad, poisoned.grad = torch.randn(8, 12), torch.randn(8, 12)
+    opt.step()
+    snapshot = [p.detach().clone() for p in (good, poisoned)], [opt.state[p]["proj"].clone() for p in (good, poisoned)]
+    good.grad, poisoned.grad = torch.randn(8, 12), torch.full((8, 12), float("nan"))
+    opt.step()
+    assert opt.skipped_steps == 1
+    for p, weight, proj in zip((good, poisoned), *snapshot):
+        assert torch.equal(p, weight) and torch.equal(opt.state[p]["proj"], proj) and opt.state[p]["step"] == 1
+    poisoned.grad = torch.randn(8, 12)
+    opt.step()
+    assert all(torch.isfinite(p).all() and opt.state[p]["step"] == 2 for p in (good, poisoned))
+
+
+def test_rank_at_least_the_smaller_side_is_exact_full_rank() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for rank in (8, 100):
+            param = matrix()
+            opt = osd.GaLoreAdamW([{"params": [param], "rank": rank}], lr=1e-2)
+            param.grad = torch.randn(8, 12)
+            opt.step()
+            assert "proj" not in opt.state[param] and opt.state[param]["exp_avg"].shape == (8, 12)
