@@ -1,0 +1,36 @@
+"""The ``osd`` command: ``osd train ...`` and ``osd plot RUN_DIR ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from osd import train as train_module
+from osd.config import build_parser
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="osd", description="Gradient-subspace optimizers for LLM training.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    build_parser(commands.add_parser("train", help="pretrain LLaMA (python -m osd.train)"))
+    plot = commands.add_parser("plot", help="draw loss / perplexity curves of runs into one PNG")
+    plot.add_argument("run_dirs", nargs="+", help="osd train output directories")
+    plot.add_argument("--output", "-o", default="curves.png", help="PNG to write (default: curves.png)")
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        return train_module.main(argv[1:])
+    from osd.plot import plot_runs
+
+    try:
+        print(plot_runs(args.run_dirs, args.output))
+    except FileNotFoundError as error:
+        print(f"osd plot: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""``osd train``: pretrain a LLaMA model with a gradient-subspace optimizer, as the papers do.
+
+The components (model presets, data, optimizer, schedule, checkpoints) know nothing of
+each other; they meet in :func:`train`. One optimizer step:
+
+    for each of `accumulation` micro-batches: loss_sum / tokens_in_step -> backward
+    clip the global gradient norm; optimizer.step(); scheduler.step()
+
+so the loss is averaged per token over the whole step, whatever the accumulation.
+Validation perplexity is ``exp(total token loss / number of tokens)`` over a fixed set.
+
+    python -m osd.train --model micro --optimizer osd_adamw --rank 32 --steps 200
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from osd import checkpoint
+from osd.config import ConfigError, TrainConfig, build_parser, config_from_args
+from osd.data import DataError, PackedBatches, load_documents, load_tokenizer, validation_batches
+from osd.memory import state_bytes
+from osd.models import build_model, llama_config
+from osd.presets import create_optimizer
+from osd.schedule import warmup_cosine
+
+__all__ = ["train", "evaluate", "main"]
+
+
+def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy of a batch and the number of predicted tokens.
+
+    ``labels`` are ``input_ids`` with -100 where nothing is to be predicted (padding);
+    position ``i`` predicts token ``i + 1``.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+    return loss, int((targets != -100).sum())
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device) -> tuple[float, float]:
+    """Validation loss per token and perplexity ``exp(sum of token losses / tokens)``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        loss, tokens = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
+        total += loss.item()
+        count += tokens
+    model.train(was_training)
+    mean = total / count
+    return mean, math.exp(mean)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: max allocated on a GPU, the process's max RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _subspace_kwargs(config: TrainConfig) -> dict[str, Any]:
+    method = config.optimizer.rpartition("_")[0]
+    kwargs: dict[str, Any] = {"weight_decay": config.weight_decay}
+    if method:
+        kwargs.update(rank=config.rank, update_proj_gap=config.update_proj_gap, scale=config.scale, seed=config.seed)
+    if method == "osd":
+        kwargs.update(alpha=config.alpha, ortho_reg=config.ortho_reg, proj_optimizer=config.proj_optimizer, proj_lr_rule=config.proj_lr_rule)
+    return kwargs
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines logged after the checkpoint a run resumes from."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) the training described by ``config``; return the final metrics."""
+    device = _resolve_device(config.device)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(config.to_json())
+    checkpoint_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
+
+    train_docs = load_documents(config.data, "train", val_docs=config.val_docs)
+    val_docs = load_documents(config.val_data or config.data, "validation", val_docs=config.val_docs)
+    tokenizer = load_tokenizer(config.tokenizer_spec)
+    val_batches = validation_batches(val_docs, tokenizer, config.batch_size, config.seq_len, config.eval_batches, pack=config.pack)
+    batches = PackedBatches(train_docs, tokenizer, config.batch_size, config.seq_len, pack=config.pack)
+
+    torch.manual_seed(config.seed)
+    try:
+        model = build_model(llama_config(config.model, tokenizer.vocab_size, config.seq_len, config.model_config)).to(device)
+        optimizer = create_optimizer(model, config.optimizer, lr=config.lr, **_subspace_kwargs(config))
+    except (ValueError, TypeError) as error:
+        raise ConfigError(str(error)) from None
+    scheduler = warmup_cosine(optimizer, config.warmup, config.total_steps, config.min_lr_ratio)
+
+    step, tokens_seen = 0, 0
+    if config.resume and checkpoint_path.exists():
+        saved = checkpoint.load(checkpoint_path)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        batches.load_state_dict(saved["data"])
+        checkpoint.set_rng_state(saved["rng"])
+        step, tokens_seen = saved["step"], saved["tokens"]
+        _truncate_metrics(metrics_path, step)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    def save() -> None:
+        checkpoint.atomic_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "data": batches.state_dict(),
+                "rng": checkpoint.rng_state(),
+                "step": step,
+                "tokens": tokens_seen,
+                "config": json.loads(config.to_json()),
+            },
+            checkpoint_path,
+        )
+
+    last_step = min(config.total_steps, config.stop_at_step or config.total_steps)
+    record: dict[str, Any] = {}
+    bar = tqdm(total=config.total_steps, initial=step, desc=config.optimizer, disable=not config.progress, file=sys.stderr)
+    with metrics_path.open("a") as metrics:
+        while step < last_step:
+            started = time.perf_counter()
+            micro_batches = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(config.accumulation)]
+            # Tokens predicted in this step (the loss normaliser) and tokens read (the budget).
+            step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+            read_tokens = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
+            train_loss = 0.0
+            for batch in micro_batches:
+                loss_sum, _ = token_loss_sum(model, batch)
+                (loss_sum / step_tokens).backward()
+                train_loss += loss_sum.item() / step_tokens
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += read_tokens
+            record = {
+                "step": step,
+                "tokens": tokens_seen,
+                "train_loss": train_loss,
+                "lr": lr,
+                "tokens_per_s": read_tokens / (time.perf_counter() - started),
+                "optimizer_state_bytes": state_bytes(optimizer)["total"],
+                "peak_memory_bytes": peak_memory_bytes(device),
+            }
+            if step % config.eval_interval == 0 or step == config.total_steps:
+                record["val_loss"], record["val_ppl"] = evaluate(model, val_batches, device)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", **({"val_ppl": f"{record['val_ppl']:.2f}"} if "val_ppl" in record else {}))
+            bar.update()
+            if (config.save_interval and step % config.save_interval == 0) or step == last_step:
+                save()
+    bar.close()
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; bad input is reported in one line (exit status 2)."""
+    args = build_parser().parse_args(argv)
+    try:
+        result = train(config_from_args(args))
+    except (ConfigError, DataError) as error:
+        print(f"osd train: error: {error}", file=sys.stderr)
+        return 2
+    if "val_ppl" in result:
+        print(f"step {result['step']}: validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
