@@ -168,14 +168,14 @@ def online_pca_grad(P: Tensor, G: Tensor, ortho_reg: float, R: Tensor | None = N
     inv_norm = 1.0 / grad_norm
     Zt = (P.mT @ G if R is None else R) * inv_norm  # r x n
     Y = (G @ Zt.mT) * inv_norm  # m x r
+    # Z^T Z = P^T Gn Gn^T P = P^T Y: an m r^2 product instead of an n r^2 one.
+    inner = P.mT @ Y
     A = P.mT @ P
-    ZtZ = Zt @ Zt.mT
-    grad = Y @ A
-    grad.add_(Y, alpha=-2.0).add_(P @ ZtZ)
+    eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     if ortho_reg:
-        A.diagonal().sub_(1.0)
-        grad.add_(P @ A, alpha=2.0 * ortho_reg)
-    return grad.mul_(2.0)
+        inner.add_(A - eye, alpha=2.0 * ortho_reg)
+    # 2 (Y (A - 2 I) + P (Z^T Z + 2 lambda (A - I))): one product with P for both P-terms.
+    return torch.addmm(Y @ (A - 2.0 * eye), P, inner).mul_(2.0)
 
 
 def svd_basis(G: Tensor, rank: int, side: str) -> Tensor:

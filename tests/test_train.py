@@ -55,12 +55,9 @@ def test_resume_after_step_k_reproduces_the_uninterrupted_run(c4_config, tmp_pat
     train(split)
     assert len(metrics(split.out_dir)) == 7
     train(c4_config(out_dir=str(tmp_path / "split"), total_batch_size=8, resume=True))
-    assert metrics(split.out_dir) == [
-        {k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_memory_bytes")} | {k: r2[k] for k in ("tokens_per_s", "peak_memory_bytes")}
-        for r, r2 in zip(metrics(full.out_dir), metrics(split.out_dir))
-    ]
-    for a, b in zip(metrics(full.out_dir), metrics(split.out_dir)):
-        assert a["train_loss"] == b["train_loss"] and a.get("val_loss") == b.get("val_loss")
+    timing = ("tokens_per_s", "peak_memory_bytes")
+    untimed = lambda records: [{k: v for k, v in r.items() if k not in timing} for r in records]  # noqa: E731
+    assert untimed(metrics(split.out_dir)) == untimed(metrics(full.out_dir))  # losses equal to the last bit
     full_model = torch.load(Path(full.out_dir) / "checkpoint.pt", weights_only=True)["model"]
     split_model = torch.load(Path(split.out_dir) / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(full_model[k], split_model[k]) for k in full_model)
