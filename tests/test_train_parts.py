@@ -98,3 +98,20 @@ def test_presets_match_the_papers_shapes() -> None:
     assert PRESETS["60m"] == {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8}
     with pytest.raises(ValueError, match="unknown model preset"):
         llama_config("2b", 32000, 256)
+
+
+def test_osd_plot_draws_several_runs_into_one_png(tmp_path) -> None:
+    import json
+
+    from osd.cli import main
+
+    for name, offset in (("adamw", 0.0), ("osd_adamw", 0.3)):
+        run = tmp_path / name
+        run.mkdir()
+        records = [{"step": s, "tokens": 100 * s, "train_loss": 5.0 - 0.1 * s + offset} for s in range(1, 11)]
+        records[4]["val_ppl"], records[9]["val_ppl"] = 90.0 + offset, 60.0 + offset
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    output = tmp_path / "curves.png"
+    assert main(["plot", str(tmp_path / "adamw"), str(tmp_path / "osd_adamw"), "-o", str(output)]) == 0
+    assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and output.stat().st_size > 10_000
+    assert main(["plot", str(tmp_path / "missing"), "-o", str(output)]) == 2
