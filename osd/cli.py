@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("--output", "-o", default="curves.png", help="PNG to write (default: curves.png)")
     args = parser.parse_args(argv)
     if args.command == "train":
-        return train_module.main(argv[1:])
+        return train_module.run(args)
     from osd.plot import plot_runs
 
     try:

@@ -14,6 +14,7 @@ Validation perplexity is ``exp(total token loss / number of tokens)`` over a fix
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import resource
@@ -34,7 +35,7 @@ from osd.models import build_model, llama_config
 from osd.presets import create_optimizer
 from osd.schedule import warmup_cosine
 
-__all__ = ["train", "evaluate", "main"]
+__all__ = ["train", "evaluate", "main", "run"]
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -148,6 +149,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     last_step = min(config.total_steps, config.stop_at_step or config.total_steps)
     record: dict[str, Any] = {}
+    state_total: int | None = None
     bar = tqdm(total=config.total_steps, initial=step, desc=config.optimizer, disable=not config.progress, file=sys.stderr)
     with metrics_path.open("a") as metrics:
         while step < last_step:
@@ -169,13 +171,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += read_tokens
+            if state_total is None:  # every state tensor exists after the first step and keeps its size
+                state_total = state_bytes(optimizer)["total"]
             record = {
                 "step": step,
                 "tokens": tokens_seen,
                 "train_loss": train_loss,
                 "lr": lr,
                 "tokens_per_s": read_tokens / (time.perf_counter() - started),
-                "optimizer_state_bytes": state_bytes(optimizer)["total"],
+                "optimizer_state_bytes": state_total,
                 "peak_memory_bytes": peak_memory_bytes(device),
             }
             if step % config.eval_interval == 0 or step == config.total_steps:
@@ -192,7 +196,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; bad input is reported in one line (exit status 2)."""
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train from parsed ``osd train`` arguments; bad input is one line on stderr, status 2."""
     try:
         result = train(config_from_args(args))
     except (ConfigError, DataError) as error:

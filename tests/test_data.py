@@ -20,7 +20,6 @@ from osd.data import (
     DataError,
     DocumentSource,
     PackedBatches,
-    Tokenizer,
     load_documents,
     load_tokenizer,
     validation_batches,

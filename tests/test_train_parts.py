@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 
 import pytest
 import torch
@@ -59,10 +60,10 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path) -> No
     torch.manual_seed(0)
     state = checkpoint.rng_state()
     checkpoint.atomic_save(state, tmp_path / "rng.pt")
-    expected = torch.rand(3), __import__("random").random()
+    expected = torch.rand(3), random.random()
     torch.manual_seed(123)
     checkpoint.set_rng_state(checkpoint.load(tmp_path / "rng.pt"))
-    assert torch.equal(torch.rand(3), expected[0]) and __import__("random").random() == expected[1]
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
 
 
 @pytest.mark.parametrize(
