@@ -47,7 +47,11 @@ class TrainConfig:
     proj_optimizer: str = _help("OSD: optimizer of P (adam, adamw, lion, sgd, adafactor)", default="adam")
     proj_lr_rule: str = _help("OSD: 'alpha' (paper) or 'released' (lr / (max_lr * T))", default="alpha")
     weight_decay: float = _help("decoupled weight decay", default=0.0)
-    grad_clip: float = _help("clip the global gradient norm to this (0: off)", default=1.0)
+    grad_clip: float = _help("clip the global gradient norm to this (0: off); per parameter with --layerwise", default=1.0)
+    optim_bits: int = _help("32, or 8 for block-wise 8-bit optimizer states (moments and P's optimizer)", default=32)
+    # memory
+    layerwise: bool = _help("step each weight inside backward and free its gradient at once (osd.layerwise)", default=False)
+    activation_checkpointing: bool = _help("recompute each decoder layer's activations in backward instead of keeping them", default=False)
     # schedule and budget
     steps: int = _help("optimizer steps (ignored when --tokens is set)", default=200)
     tokens: int | None = _help("token budget; sets steps = tokens / (total batch * seq len)", default=None)
@@ -96,6 +100,8 @@ class TrainConfig:
             raise ConfigError(f"--total-batch-size ({self.total_batch_size}) must be a positive multiple of --batch-size ({self.batch_size})")
         if self.tokens is not None and self.tokens < self.total_batch * self.seq_len:
             raise ConfigError(f"--tokens ({self.tokens}) is less than one step ({self.total_batch * self.seq_len} tokens)")
+        if self.optim_bits not in (8, 32):
+            raise ConfigError(f"--optim-bits must be 8 or 32, got {self.optim_bits}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 

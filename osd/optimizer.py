@@ -16,14 +16,16 @@ the identity), so the full-rank path is exactly the inner optimizer itself.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
 
+from osd import quantization
 from osd.projectors import PROJECTORS, get_projector
-from osd.rules import RULES, get_rule
+from osd.rules import PROJ_RULES, RULES, get_rule
 
 __all__ = ["SubspaceOptimizer", "PROJ_TYPES", "NONFINITE_POLICIES"]
 
@@ -47,6 +49,9 @@ SUBSPACE_DEFAULTS: dict[str, Any] = {
     "svd_fraction": 0.0,
     "total_steps": None,
     "seed": 0,
+    "optim_bits": 32,
+    "min_8bit_size": 4096,
+    "max_grad_norm": None,
 }
 
 
@@ -94,6 +99,13 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         svd_fraction, total_steps: GoLore, SVD for the first ``svd_fraction * total_steps``
             steps, random after.
         seed: seed of the random projections (each parameter derives its own).
+        optim_bits: 32, or 8 for block-wise 8-bit moments (the inner rule's and ``P``'s
+            optimizer's state; see :mod:`osd.quantization`); tensors under
+            ``min_8bit_size`` elements stay float32, as in bitsandbytes.
+        max_grad_norm: clip each parameter's gradient as the inner rule sees it (``R`` for
+            projected weights, ``G`` otherwise) to this norm: ``R *= min(1, c / (||R|| + 1e-6))``.
+            Per parameter, unlike ``torch.nn.utils.clip_grad_norm_``, so it means the same in
+            layer-wise updates (:class:`osd.layerwise.LayerwiseUpdates`), where no global norm exists.
         nonfinite: a NaN or Inf in any gradient ``"raise"``s ``FloatingPointError`` naming
             the parameter (default), or ``"skip"``s the whole step, leaving weights and all
             state untouched and counting it in ``skipped_steps``.
@@ -124,6 +136,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         defaults = {"lr": lr, "rule": rule, **SUBSPACE_DEFAULTS, "projector": projector, **inner.defaults, **kwargs}
         self.nonfinite = nonfinite
         self.skipped_steps = 0
+        self._group_of: dict[int, dict[str, Any]] = {}
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------------
@@ -150,6 +163,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                     f"{group['rank']} but is not 2-D; it is trained full-rank",
                     stacklevel=3,
                 )
+        self._group_of.update((id(p), group) for p in group["params"])
 
     @staticmethod
     def _validate_group(group: dict[str, Any]) -> None:
@@ -174,6 +188,13 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             raise ValueError(f"proj_type must be one of {PROJ_TYPES} (GaLore's 'full' is not supported), got {group['proj_type']!r}")
         if not _is_int(group["seed"]):
             raise ValueError(f"seed must be an int, got {group['seed']!r}")
+        if group["optim_bits"] not in (8, 32) or isinstance(group["optim_bits"], bool):
+            raise ValueError(f"optim_bits must be 8 or 32, got {group['optim_bits']!r}")
+        if not _is_int(group["min_8bit_size"]) or group["min_8bit_size"] < 0:
+            raise ValueError(f"min_8bit_size must be an int >= 0, got {group['min_8bit_size']!r}")
+        clip = group["max_grad_norm"]
+        if clip is not None and (not isinstance(clip, (int, float)) or isinstance(clip, bool) or not clip > 0.0):
+            raise ValueError(f"max_grad_norm must be None or a number > 0, got {clip!r}")
         projector.validate(group)
 
     @staticmethod
@@ -225,37 +246,100 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 f"{tuple(p.shape)}; nothing was updated (pass nonfinite='skip' to skip such steps)"
             )
         for (group, p), norm in zip(pairs, norms):
-            self._update_param(group, p, norm)
+            self._update_param(group, p, p.grad, norm)
         return loss
 
-    def _update_param(self, group: dict[str, Any], p: Tensor, grad_norm: Tensor) -> None:
+    # ----------------------------------------------------------------------------------
+    # One parameter at a time (layer-wise updates, osd.layerwise)
+    # ----------------------------------------------------------------------------------
+
+    def needs_full_grad(self, p: Tensor) -> bool:
+        """Whether the next step of ``p`` needs its full gradient ``G``.
+
+        False only for a projected weight whose ``P`` stays fixed through the step and whose
+        projection rule does not read ``G`` afterwards (GaLore / GoLore between refreshes):
+        then ``R = P^T G`` (see :meth:`project`) is all the step needs, and ``R`` is linear
+        in ``G``, so micro-batch gradients can be projected and summed. Online PCA always
+        reads ``G`` (``P`` moves with ``G G^T P``, which is not linear in ``G``).
+        """
+        state = self.state[p]
+        if "rank" not in state:
+            return True
+        group = self._group_of[id(p)]
+        return PROJECTORS[group["projector"]].needs_grad(state, group)
+
+    @torch.no_grad()
+    def project(self, p: Tensor, grad: Tensor) -> Tensor:
+        """``R = P^T G`` (``r x n``) of a gradient of ``p``, in canonical orientation."""
+        state = self.state[p]
+        return state["proj"].mT @ (grad.mT if state["transposed"] else grad)
+
+    @torch.no_grad()
+    def step_param(self, p: Tensor, grad: Tensor | None = None, projected: Tensor | None = None) -> bool:
+        """Step ``p`` alone, from its full gradient ``grad`` (default ``p.grad``) or from an
+        accumulated projected gradient ``projected`` (``R``, valid only when
+        :meth:`needs_full_grad` is False). The same update as :meth:`step` gives ``p``.
+
+        Returns False if the gradient was non-finite and ``nonfinite="skip"`` skipped the
+        parameter (its weights and state untouched); ``"raise"`` raises ``FloatingPointError``.
+        """
+        group = self._group_of[id(p)]
+        if projected is None:
+            grad = p.grad if grad is None else grad
+            if grad is None:
+                raise RuntimeError(f"parameter {self._param_name(group, p)} has no gradient to step with")
+        elif self.needs_full_grad(p):
+            raise RuntimeError(f"parameter {self._param_name(group, p)} needs its full gradient this step, not a projected one")
+        norm = torch.linalg.vector_norm(grad if projected is None else projected)
+        if not torch.isfinite(norm):
+            if self.nonfinite == "skip":
+                return False
+            raise FloatingPointError(f"non-finite gradient (NaN or Inf) in parameter {self._param_name(group, p)} of shape {tuple(p.shape)}")
+        self._update_param(group, p, grad, norm, projected)
+        return True
+
+    # ----------------------------------------------------------------------------------
+    # The update of one parameter
+    # ----------------------------------------------------------------------------------
+
+    def _update_param(self, group: dict[str, Any], p: Tensor, grad: Tensor | None, grad_norm: Tensor, projected: Tensor | None = None) -> None:
+        """``grad``: the full gradient (``grad_norm`` its norm), or None with ``projected = P^T G``
+        (``grad_norm`` then the norm of ``projected``)."""
         state = self.state[p]
         if not state:
-            self._init_state(group, p)
+            self._init_state(group, p, grad)
         # Only projected parameters carry a rank in their state (no strings there: torch's
         # load_state_dict would mangle them).
         projector = PROJECTORS[group["projector"] if "rank" in state else "identity"]
         rule = RULES[group["rule"]]
         hparams = rule.hparams(group)
 
-        G = p.grad.mT if state["transposed"] else p.grad
-        projector.prepare(state, G, group)
-        P = state.get("proj")
-        R = G if P is None else P.mT @ G
-        direction = rule.direction(R, state, hparams, state["step"] + 1, "")
-        update = direction if P is None else P @ direction
-        update = rule.finalize(update, hparams)
+        with self._float_states(state, group):
+            G = None if grad is None else grad.mT if state["transposed"] else grad
+            if G is not None:
+                projector.prepare(state, G, group)
+            P = state.get("proj")
+            R = projected if projected is not None else G if P is None else P.mT @ G
+            rule_input = R
+            if group["max_grad_norm"] is not None:
+                norm = grad_norm if P is None or projected is not None else torch.linalg.vector_norm(R)
+                rule_input = R * (group["max_grad_norm"] / (norm + 1e-6)).clamp(max=1.0)
+            direction = rule.direction(rule_input, state, hparams, state["step"] + 1, "")
+            update = direction if P is None else P @ direction
+            update = rule.finalize(update, hparams)
 
-        lr = group["lr"]
-        if hparams["weight_decay"]:
-            p.mul_(1.0 - lr * hparams["weight_decay"])
-        scale = group["scale"] if P is not None else 1.0
-        p.add_(update.mT if state["transposed"] else update, alpha=-lr * scale)
-        projector.advance(state, G, R, grad_norm, group)
+            lr = group["lr"]
+            if hparams["weight_decay"]:
+                p.mul_(1.0 - lr * hparams["weight_decay"])
+            scale = group["scale"] if P is not None else 1.0
+            p.add_(update.mT if state["transposed"] else update, alpha=-lr * scale)
+            if G is not None:
+                projector.advance(state, G, R, grad_norm, group)
         state["step"] += 1
 
-    def _init_state(self, group: dict[str, Any], p: Tensor) -> None:
-        """Per-parameter state: the projector's (``P`` ...) and the inner rule's (moments)."""
+    def _init_state(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> None:
+        """Per-parameter state: the projector's (``P`` ...) and the inner rule's (moments),
+        the latter (and ``P``'s optimizer's) stored in 8 bits if ``optim_bits=8``."""
         state = self.state[p]
         rank = group["rank"]
         projector = get_projector(group["projector"])
@@ -267,11 +351,46 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if projected:
             state["rank"] = rank
             state["seed"] = hash((group["seed"], self._param_index(p))) % (2**31)
-        G = p.grad.mT if state["transposed"] else p.grad
+        G = grad.mT if state["transposed"] else grad
         projector.init_state(state, G, rank, group)
         low_rank_like = G if not projected else G.new_empty(rank, G.shape[1])
         rule = RULES[group["rule"]]
         state.update(rule.init_state(low_rank_like, rule.hparams(group), ""))
+        if group["optim_bits"] == 8:
+            for key in [k for k, v in state.items() if _quantizable(k, v, group["min_8bit_size"])]:
+                _store_8bit(state, key, state.pop(key), self._nonnegative(group, key))
+
+    @staticmethod
+    def _nonnegative(group: dict[str, Any], key: str) -> bool:
+        if key.startswith("proj_"):
+            rule, key = PROJ_RULES[group["proj_optimizer"]][0], key[len("proj_") :]
+        else:
+            rule = RULES[group["rule"]]
+        return key in rule.nonnegative_states
+
+    @contextlib.contextmanager
+    def _float_states(self, state: dict[str, Any], group: dict[str, Any]) -> Iterator[None]:
+        """Within the block, 8-bit states are float32 tensors under their own keys; after it
+        they are quantised again (the float copies live for one parameter's update only)."""
+        keys = [k[: -len(_CODES)] for k in state if isinstance(k, str) and k.endswith(_CODES)]
+        for key in keys:
+            state[key] = quantization.dequantize(state[key + _CODES], state[key + _ABSMAX], not self._nonnegative(group, key), torch.Size(state[key + _SHAPE].tolist()))
+        try:
+            yield
+        finally:
+            for key in keys:
+                _store_8bit(state, key, state.pop(key), self._nonnegative(group, key))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, but 8-bit block maxima stay float32
+        (torch casts every floating state tensor to its parameter's dtype)."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for p, saved_id in zip(params, saved_ids):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(key, str) and key.endswith(_ABSMAX):
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
 
     def _param_index(self, p: Tensor) -> int:
         """Position of ``p`` among all parameters, the same as in ``state_dict()``."""
@@ -282,3 +401,17 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                     return index
                 index += 1
         raise KeyError("parameter not in this optimizer")
+
+
+# 8-bit state of key ``k``: ``k:codes`` (uint8), ``k:absmax`` (float32 per block), ``k:shape``.
+_CODES, _ABSMAX, _SHAPE = ":codes", ":absmax", ":shape"
+
+
+def _quantizable(key: Any, value: Any, min_size: int) -> bool:
+    """Optimizer states (not ``P`` itself) that are float tensors of at least ``min_size`` elements."""
+    return key != "proj" and isinstance(value, Tensor) and value.is_floating_point() and value.numel() >= max(min_size, 1)
+
+
+def _store_8bit(state: dict[str, Any], key: str, value: Tensor, nonnegative: bool) -> None:
+    state[key + _CODES], state[key + _ABSMAX] = quantization.quantize(value, signed=not nonnegative)
+    state[key + _SHAPE] = torch.tensor(value.shape, dtype=torch.int64)

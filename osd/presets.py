@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from osd.param_groups import param_groups
-from osd.optimizer import SubspaceOptimizer
+from osd.optimizer import SUBSPACE_DEFAULTS, SubspaceOptimizer
 from osd.rules import RULES
 
 __all__ = [
@@ -73,6 +73,7 @@ def create_optimizer(
     lr: float,
     rank: int | None = None,
     target_modules: Iterable[str] = ("attn", "mlp"),
+    torch_adamw: bool = True,
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
     """Build optimizer ``name`` for ``model``.
@@ -80,7 +81,10 @@ def create_optimizer(
     Subspace optimizers (``osd_adamw``, ``galore_lion``, ...) project the 2-D Linear
     weights of the modules matching ``target_modules`` at ``rank`` (see
     :func:`osd.param_groups`); everything else trains full-rank. ``kwargs`` are the
-    optimizer's hyperparameters (``weight_decay``, ``update_proj_gap``, ``scale``, ...).
+    optimizer's hyperparameters (``weight_decay``, ``update_proj_gap``, ``scale``,
+    ``optim_bits``, ...). ``adamw`` is ``torch.optim.AdamW`` unless ``torch_adamw=False``
+    or a :class:`SubspaceOptimizer`-only option (8-bit states, per-parameter clipping) is
+    given; then it is the same AdamW as a full-rank :class:`SubspaceOptimizer`.
 
     Example: ``create_optimizer(model, "osd_adamw", lr=1e-3, rank=128, scale=0.25)``.
     """
@@ -90,7 +94,9 @@ def create_optimizer(
     if not method:
         if rank is not None:
             raise ValueError(f"optimizer {name!r} is full-rank; rank={rank} applies only to osd_/galore_/golore_ optimizers")
-        if name == "adamw":
+        subspace_only = {k: v for k, v in kwargs.items() if k in SUBSPACE_DEFAULTS and v != SUBSPACE_DEFAULTS[k]}
+        if name == "adamw" and torch_adamw and not subspace_only:
+            kwargs = {k: v for k, v in kwargs.items() if k not in SUBSPACE_DEFAULTS}
             return torch.optim.AdamW(model.parameters(), lr=lr, **kwargs)
         return SubspaceOptimizer(model.parameters(), lr, rule=rule, projector="identity", **kwargs)
     if rank is None:

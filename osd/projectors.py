@@ -88,6 +88,10 @@ class Projector:
     def advance(self, state: dict[str, Any], G: Tensor, R: Tensor, grad_norm: Tensor, group: dict[str, Any]) -> None:
         """After the weight update: move ``P`` using ``G``, ``R = P^T G`` and ``||G||_F``."""
 
+    def needs_grad(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        """Whether step ``state["step"]`` reads ``G`` itself rather than only ``R = P^T G``."""
+        return True
+
 
 class SVDProjector(Projector):
     """GaLore: ``P`` = top-``r`` singular vectors of the gradient every ``update_proj_gap`` steps."""
@@ -96,8 +100,11 @@ class SVDProjector(Projector):
     projects = True
 
     def prepare(self, state: dict[str, Any], G: Tensor, group: dict[str, Any]) -> None:
-        if state["step"] % group["update_proj_gap"] == 0:
+        if self.needs_grad(state, group):
             state["proj"] = _svd_or_fallback(G, state["rank"], state)
+
+    def needs_grad(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        return state["step"] % group["update_proj_gap"] == 0
 
 
 class RandomProjector(Projector):
@@ -123,6 +130,11 @@ class RandomProjector(Projector):
             state["proj"] = _svd_or_fallback(G, state["rank"], state)
         else:
             state["proj"] = F.random_basis(G.shape[0], state["rank"], _generator(state, step), G.dtype, G.device)
+
+    def needs_grad(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        # A refresh step: P changes before the weight update, so micro-batch gradients
+        # cannot be projected with the old one (the draw needs no G, the SVD does).
+        return state["step"] % group["update_proj_gap"] == 0
 
 
 class OnlinePCAProjector(Projector):

@@ -48,6 +48,8 @@ class UpdateRule:
         direction: ``(grad, state, hparams, step, prefix) -> D``; ``step`` counts from 1.
         finalize: applied to the full-size update after projecting back (identity for all
             rules but Lion with ``sign_space="full"``).
+        nonnegative_states: state keys (without prefix) that are never negative; 8-bit
+            storage spends all its codes on [0, 1] for them.
     """
 
     name: str
@@ -56,6 +58,7 @@ class UpdateRule:
     init_state: Callable[[Tensor, dict[str, Any], str], dict[str, Tensor]]
     direction: Callable[[Tensor, dict[str, Tensor], dict[str, Any], int, str], Tensor]
     finalize: Callable[[Tensor, dict[str, Any]], Tensor] = lambda update, hparams: update
+    nonnegative_states: tuple[str, ...] = ()
 
     def hparams(self, source: dict[str, Any]) -> dict[str, Any]:
         """This rule's hyperparameters, read from ``source`` with the rule's defaults behind it."""
@@ -89,6 +92,7 @@ ADAMW = UpdateRule(
     validate=_adamw_validate,
     init_state=_adamw_init,
     direction=_adamw_direction,
+    nonnegative_states=("exp_avg_sq",),
 )
 
 
@@ -164,6 +168,7 @@ ADAFACTOR = UpdateRule(
     validate=_adafactor_validate,
     init_state=_adafactor_init,
     direction=_adafactor_direction,
+    nonnegative_states=("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"),
 )
 
 

@@ -6,7 +6,9 @@ each other; they meet in :func:`train`. One optimizer step:
     for each of `accumulation` micro-batches: loss_sum / tokens_in_step -> backward
     clip the global gradient norm; optimizer.step(); scheduler.step()
 
-so the loss is averaged per token over the whole step, whatever the accumulation.
+so the loss is averaged per token over the whole step, whatever the accumulation. With
+``--layerwise`` the weights step inside the last backward instead (``osd.layerwise``), and
+``--grad-clip`` clips per parameter.
 Validation perplexity is ``exp(total token loss / number of tokens)`` over a fixed set.
 
     python -m osd.train --model micro --optimizer osd_adamw --rank 32 --steps 200
@@ -30,12 +32,13 @@ from tqdm import tqdm
 from osd import checkpoint
 from osd.config import ConfigError, TrainConfig, build_parser, config_from_args
 from osd.data import DataError, PackedBatches, load_documents, load_tokenizer, validation_batches
+from osd.layerwise import LayerwiseUpdates
 from osd.memory import state_bytes
 from osd.models import build_model, llama_config
 from osd.presets import create_optimizer
 from osd.schedule import warmup_cosine
 
-__all__ = ["train", "evaluate", "main", "run"]
+__all__ = ["train", "train_step", "build_training_model", "build_optimizer", "evaluate", "main", "run"]
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -66,20 +69,76 @@ def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], dev
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory so far: max allocated on a GPU, the process's max RSS on the CPU."""
+    """Peak memory so far: max allocated on a GPU; on the CPU the process's peak resident
+    set (``VmHWM`` on Linux, which unlike ``ru_maxrss`` does not count the parent's pages
+    of a forked child), else ``ru_maxrss``."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _subspace_kwargs(config: TrainConfig) -> dict[str, Any]:
     method = config.optimizer.rpartition("_")[0]
     kwargs: dict[str, Any] = {"weight_decay": config.weight_decay}
+    if config.optim_bits != 32:
+        kwargs["optim_bits"] = config.optim_bits
+    if config.layerwise and config.grad_clip > 0:
+        kwargs["max_grad_norm"] = config.grad_clip
     if method:
         kwargs.update(rank=config.rank, update_proj_gap=config.update_proj_gap, scale=config.scale, seed=config.seed)
     if method == "osd":
         kwargs.update(alpha=config.alpha, ortho_reg=config.ortho_reg, proj_optimizer=config.proj_optimizer, proj_lr_rule=config.proj_lr_rule)
     return kwargs
+
+
+def build_training_model(config: TrainConfig, vocab_size: int, device: torch.device) -> torch.nn.Module:
+    """The LLaMA of ``config`` on ``device``, with activation checkpointing if asked for."""
+    model = build_model(llama_config(config.model, vocab_size, config.seq_len, config.model_config)).to(device)
+    if config.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, LayerwiseUpdates | None]:
+    """The optimizer of ``config`` and, with ``--layerwise``, the hooks that step it in backward."""
+    optimizer = create_optimizer(model, config.optimizer, lr=config.lr, torch_adamw=not config.layerwise, **_subspace_kwargs(config))
+    return optimizer, LayerwiseUpdates(optimizer) if config.layerwise else None
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[dict[str, torch.Tensor]],
+    grad_clip: float,
+    layerwise: LayerwiseUpdates | None = None,
+) -> float:
+    """One optimizer step over ``micro_batches``; returns the train loss per token.
+
+    The loss is summed over the step's tokens and divided by their number, so the step's
+    gradient is that of the per-token mean whatever the accumulation. Ordinary: clip the
+    global gradient norm to ``grad_clip`` (0: off), ``optimizer.step()``. Layer-wise: the
+    weights have stepped inside the last backward (clipped per parameter by the optimizer).
+    """
+    step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+    train_loss = 0.0
+    for k, batch in enumerate(micro_batches):
+        if layerwise is not None:
+            layerwise.last_micro_batch = k == len(micro_batches) - 1
+        loss_sum, _ = token_loss_sum(model, batch)
+        (loss_sum / step_tokens).backward()
+        train_loss += loss_sum.item() / step_tokens
+    if layerwise is not None:
+        layerwise.finish_step()
+        return train_loss
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return train_loss
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -113,8 +172,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     torch.manual_seed(config.seed)
     try:
-        model = build_model(llama_config(config.model, tokenizer.vocab_size, config.seq_len, config.model_config)).to(device)
-        optimizer = create_optimizer(model, config.optimizer, lr=config.lr, **_subspace_kwargs(config))
+        model = build_training_model(config, tokenizer.vocab_size, device)
+        optimizer, layerwise = build_optimizer(config, model)
     except (ValueError, TypeError) as error:
         raise ConfigError(str(error)) from None
     scheduler = warmup_cosine(optimizer, config.warmup, config.total_steps, config.min_lr_ratio)
@@ -155,20 +214,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         while step < last_step:
             started = time.perf_counter()
             micro_batches = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(config.accumulation)]
-            # Tokens predicted in this step (the loss normaliser) and tokens read (the budget).
-            step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
             read_tokens = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
-            train_loss = 0.0
-            for batch in micro_batches:
-                loss_sum, _ = token_loss_sum(model, batch)
-                (loss_sum / step_tokens).backward()
-                train_loss += loss_sum.item() / step_tokens
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
+            train_loss = train_step(model, optimizer, micro_batches, config.grad_clip, layerwise)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += read_tokens
             if state_total is None:  # every state tensor exists after the first step and keeps its size

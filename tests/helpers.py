@@ -22,3 +22,26 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor, origin: torch.T
     """``||actual - expected|| / ||expected - origin||``: the error relative to how far the
     reference moved, so that a large weight cannot hide a wrong update."""
     return ((actual - expected).norm() / (expected - origin).norm()).item()
+
+
+T5_VOCAB = 32100  # t5-base: 32000 sentencepiece pieces + 100 extra ids
+
+
+def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, tie: bool = True) -> torch.nn.Module:
+    """A seeded ``LlamaForCausalLM`` for the t5 vocabulary, small enough for CPU tests."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=T5_VOCAB,
+        hidden_size=hidden,
+        intermediate_size=hidden * 43 // 16,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,  # tied: one 32100 x hidden matrix, the vocabulary dominates the cost
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config)

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 import osd
+from tests.helpers import T5_VOCAB, tiny_llama
 
 transformers = pytest.importorskip("transformers", reason="the tiny LLaMA needs `transformers`")
 
-T5_VOCAB = 32100  # t5-base: 32000 sentencepiece pieces + 100 extra ids
 STEPS = 20
 BATCH = 4
 HELD_OUT = 16  # the last packed sequences, i.e. the last documents of the sample
@@ -33,23 +33,6 @@ TARGETS = ("self_attn", "mlp")  # LLaMA's projected Linear layers (q, k, v, o, g
 LR = {"adamw": 1e-2, "lion": 2e-3, "adafactor": 1e-2, "sgd": 0.1}
 MIN_DROP = 1.0
 MIN_PROJECTED_GAIN = 0.2
-
-
-def tiny_llama(seed: int = 0) -> torch.nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=T5_VOCAB,
-        hidden_size=64,
-        intermediate_size=172,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,  # one 32100 x 64 matrix: the vocabulary dominates the cost
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config)
 
 
 @torch.no_grad()

@@ -1,0 +1,75 @@
+"""Block-wise 8-bit storage of optimizer states (Dettmers et al., "8-bit Optimizers via
+Block-wise Quantization", 2022), on any device.
+
+A float tensor ``x`` is flattened, zero-padded to a multiple of ``BLOCK_SIZE`` and cut into
+blocks; each block keeps its absolute maximum ``s_b`` (float32) and every element the
+uint8 index of the nearest value of ``x / s_b`` in a dynamic-exponent code map (256
+values in [-1, 1], or [0, 1] for states that are never negative such as Adam's second
+moment). Storage: ``numel_padded`` bytes of codes + 4 bytes per block, about 1/4 of
+float32.
+
+The code maps and the quantise / dequantise kernels are torchao's (``torchao.optim``), the
+same ones behind its ``AdamW8bit``; they are plain PyTorch ops, so they run on CPU and GPU
+alike. What is stored are two plain tensors, so ``state_dict()`` still loads with
+``torch.load(weights_only=True)`` (torchao's tensor subclass would not).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+__all__ = ["BLOCK_SIZE", "quantize", "dequantize", "quantized_nbytes"]
+
+BLOCK_SIZE = 256
+
+
+def _quant_utils():
+    """torchao's quantisation helpers, imported on first use (torchao takes seconds to
+    import and logs warnings about CUDA kernels it cannot load on a CPU-only machine)."""
+    logger = logging.getLogger("torchao")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torchao.optim import quant_utils
+    except ImportError as error:
+        raise ImportError("8-bit optimizer states need torchao: pip install 'osd-optim[train]' (or torchao)") from error
+    finally:
+        logger.setLevel(level)
+    return quant_utils
+
+
+@lru_cache(maxsize=None)
+def _code_map(signed: bool, device: torch.device) -> Tensor:
+    return torch.tensor(_quant_utils().create_dynamic_map(signed=signed), dtype=torch.float32, device=device)
+
+
+def _padded_numel(numel: int) -> int:
+    return math.ceil(numel / BLOCK_SIZE) * BLOCK_SIZE
+
+
+def quantized_nbytes(numel: int) -> int:
+    """Bytes that :func:`quantize` stores for a tensor of ``numel`` elements."""
+    padded = _padded_numel(numel)
+    return padded + 4 * (padded // BLOCK_SIZE)
+
+
+def quantize(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """``(codes, absmax)``: uint8 codes (``numel`` padded to a multiple of ``BLOCK_SIZE``)
+    and the float32 absolute maximum of each block. ``signed=False`` for tensors that are
+    never negative (it spends all 256 codes on [0, 1])."""
+    qu = _quant_utils()
+    flat = x.detach().reshape(-1).float()
+    padded = torch.nn.functional.pad(flat, (0, _padded_numel(flat.numel()) - flat.numel()))
+    scaled, absmax = qu.scale_tensor(padded, BLOCK_SIZE)
+    return qu.quantize_8bit_with_qmap(scaled, _code_map(signed, x.device)), absmax
+
+
+def dequantize(codes: Tensor, absmax: Tensor, signed: bool, shape: torch.Size) -> Tensor:
+    """The float32 tensor of ``shape`` that ``codes`` and ``absmax`` stand for."""
+    flat = _quant_utils().dequant_with_qmap(codes, _code_map(signed, codes.device), absmax)
+    return flat[: math.prod(shape)].view(shape)
