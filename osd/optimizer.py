@@ -314,7 +314,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         rule = RULES[group["rule"]]
         hparams = rule.hparams(group)
 
-        with self._float_states(state, group):
+        with self._float_states(state, group, p.dtype):
             G = None if grad is None else grad.mT if state["transposed"] else grad
             if G is not None:
                 projector.prepare(state, G, group)
@@ -369,12 +369,15 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         return key in rule.nonnegative_states
 
     @contextlib.contextmanager
-    def _float_states(self, state: dict[str, Any], group: dict[str, Any]) -> Iterator[None]:
+    def _float_states(self, state: dict[str, Any], group: dict[str, Any], dtype: torch.dtype) -> Iterator[None]:
         """Within the block, 8-bit states are float32 tensors under their own keys; after it
         they are quantised again (the float copies live for one parameter's update only)."""
         keys = [k[: -len(_CODES)] for k in state if isinstance(k, str) and k.endswith(_CODES)]
         for key in keys:
-            state[key] = quantization.dequantize(state[key + _CODES], state[key + _ABSMAX], not self._nonnegative(group, key), torch.Size(state[key + _SHAPE].tolist()))
+            shape = torch.Size(state[key + _SHAPE].tolist())
+            values = quantization.dequantize(state[key + _CODES], state[key + _ABSMAX], not self._nonnegative(group, key), shape)
+            # In the dtype float32 states would have: P's for P's optimizer, else the weight's.
+            state[key] = values.to(state["proj"].dtype if key.startswith("proj_") else dtype)
         try:
             yield
         finally:

@@ -86,6 +86,11 @@ def create_optimizer(
     or a :class:`SubspaceOptimizer`-only option (8-bit states, per-parameter clipping) is
     given; then it is the same AdamW as a full-rank :class:`SubspaceOptimizer`.
 
+    With ``optim_bits=8`` the input and output embeddings keep float32 states, as
+    bitsandbytes recommends for 8-bit optimizers: rows of a vocabulary-sized matrix that
+    rarely see a gradient get second moments too small for their block's 8-bit range,
+    and divide by ~0 (a tiny LLaMA on C4 diverged here with 8-bit embedding states).
+
     Example: ``create_optimizer(model, "osd_adamw", lr=1e-3, rank=128, scale=0.25)``.
     """
     method, _, rule = name.rpartition("_")
@@ -98,8 +103,23 @@ def create_optimizer(
         if name == "adamw" and torch_adamw and not subspace_only:
             kwargs = {k: v for k, v in kwargs.items() if k not in SUBSPACE_DEFAULTS}
             return torch.optim.AdamW(model.parameters(), lr=lr, **kwargs)
-        return SubspaceOptimizer(model.parameters(), lr, rule=rule, projector="identity", **kwargs)
+        groups = [{"params": list(model.named_parameters())}]
+        return SubspaceOptimizer(_embeddings_apart(model, groups, kwargs), lr, rule=rule, projector="identity", **kwargs)
     if rank is None:
         raise ValueError(f"optimizer {name!r} projects gradients and needs a rank")
     groups = param_groups(model, rank=rank, target_modules=target_modules)
-    return SubspaceOptimizer(groups, lr, rule=rule, projector=METHODS[method], **kwargs)
+    return SubspaceOptimizer(_embeddings_apart(model, groups, kwargs), lr, rule=rule, projector=METHODS[method], **kwargs)
+
+
+def _embeddings_apart(model: nn.Module, groups: list[dict[str, Any]], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+    """With 8-bit states, move the embedding weights (``nn.Embedding`` and the model's output
+    embeddings) from ``groups`` into a group of their own with float32 states."""
+    if kwargs.get("optim_bits", 32) == 32:
+        return groups
+    embeddings = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None:
+        embeddings.add(id(output.weight))
+    split = [{**group, "params": [(n, p) for n, p in group["params"] if id(p) not in embeddings]} for group in groups]
+    kept = [(n, p) for group in groups for n, p in group["params"] if id(p) in embeddings]
+    return [group for group in split if group["params"]] + ([{"params": kept, "optim_bits": 32}] if kept else [])

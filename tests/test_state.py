@@ -72,16 +72,20 @@ def save_and_load(obj) -> object:
     return torch.load(buffer, weights_only=True)
 
 
+@pytest.mark.parametrize("optim_bits", [32, 8])
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("projector", PROJECTORS)
-def test_resume_continues_bit_for_bit(rule: str, projector: str) -> None:
+def test_resume_continues_bit_for_bit(rule: str, projector: str, optim_bits: int) -> None:
     """N steps == N/2 steps, save, weights_only load into a fresh optimizer, N/2 steps.
 
     The gap is 3 and N is 10, so the resumed half crosses SVD / random refreshes; an LR
-    scheduler runs alongside and is resumed too.
+    scheduler runs alongside and is resumed too. With ``optim_bits=8`` every state tensor
+    is stored in 8 bits (``min_8bit_size=0``).
     """
     steps, half = 10, 5
     kwargs = {"total_steps": steps, "svd_fraction": 0.2} if projector == "random" else {}
+    if optim_bits == 8:
+        kwargs.update(optim_bits=8, min_8bit_size=0)
     if rule == "adafactor":
         kwargs["beta1"] = 0.9
     reference = make_params()

@@ -1,0 +1,121 @@
+"""Block-wise 8-bit optimizer states (``optim_bits=8``, ``osd.quantization``).
+
+The quantiser's error is bounded per block; 8-bit states take about a quarter of the bytes;
+they train a tiny LLaMA on C4 about as well as float32 states; the block maxima stay
+float32 through ``load_state_dict`` even for bf16 weights. (Exact resume through a
+``weights_only`` state_dict is in ``test_state.py::test_resume_continues_bit_for_bit``.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import osd
+from osd import quantization
+from tests.helpers import tiny_llama
+
+pytest.importorskip("torchao", reason="8-bit states use torchao's quantisation kernels")
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantisation_error_is_bounded_per_block(signed: bool) -> None:
+    x = torch.randn(37, 300, generator=torch.Generator().manual_seed(0))  # 11100: not a multiple of the block
+    x = x if signed else x.square()
+    x[0, :10] = 0.0
+    codes, absmax = quantization.quantize(x, signed=signed)
+    assert codes.dtype == torch.uint8 and codes.numel() == 11264 and absmax.numel() == 44
+    y = quantization.dequantize(codes, absmax, signed=signed, shape=x.shape)
+    assert y.shape == x.shape and torch.equal(y[0, :10], torch.zeros(10))
+    block_max = torch.nn.functional.pad(x.flatten().abs(), (0, 11264 - x.numel())).view(44, 256).amax(1)
+    error = torch.nn.functional.pad((y - x).flatten().abs(), (0, 11264 - x.numel())).view(44, 256).amax(1)
+    assert (error <= 0.01 * block_max).all(), (error / block_max).max()
+    assert quantization.quantized_nbytes(x.numel()) == codes.numel() + 4 * absmax.numel()
+
+
+def test_eight_bit_states_take_a_quarter_of_the_bytes() -> None:
+    sizes = {}
+    for bits in (32, 8):
+        weight = torch.nn.Parameter(torch.randn(64, 512))
+        opt = osd.SubspaceOptimizer([{"params": [weight], "rank": 16}], lr=1e-3, optim_bits=bits, min_8bit_size=0)
+        weight.grad = torch.randn(64, 512)
+        opt.step()
+        sizes[bits] = osd.state_bytes(opt)
+        keys = set(opt.state[weight])
+        assert ("exp_avg:codes" in keys) == (bits == 8) and "proj" in keys
+    assert sizes[8]["moments"] < 0.27 * sizes[32]["moments"]
+    assert sizes[8]["proj_optimizer"] < 0.27 * sizes[32]["proj_optimizer"]
+    assert sizes[8]["projection"] == sizes[32]["projection"]  # P itself stays float32
+
+
+@pytest.mark.parametrize("name", ["adamw", "osd_adamw", "galore_adamw", "osd_lion"])
+def test_eight_bit_states_train_like_float32(name: str, c4_tokens: torch.Tensor) -> None:
+    train, held_out = c4_tokens[:-16], c4_tokens[-16:]
+    losses = {}
+    for bits in (32, 8):
+        model = tiny_llama()
+        method, _, rule = name.rpartition("_")
+        subspace = {"rank": 8, "update_proj_gap": 10} if method else {}
+        lr = 2e-3 if rule == "lion" else 1e-2
+        eight_bit = {"optim_bits": 8, "min_8bit_size": 0} if bits == 8 else {}
+        opt = osd.create_optimizer(model, name, lr=lr, torch_adamw=False, target_modules=("self_attn", "mlp"), **subspace, **eight_bit)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            initial = model(input_ids=held_out, labels=held_out).loss.item()
+        for _ in range(20):
+            batch = train[torch.randint(len(train), (4,), generator=generator)]
+            model(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            losses[bits] = model(input_ids=held_out, labels=held_out).loss.item()
+        if bits == 8:
+            embedding = model.get_input_embeddings().weight
+            assert "exp_avg:codes" not in opt.state[embedding], "embedding states must stay float32"
+            assert all(any(k.endswith(":codes") for k in s) for p, s in opt.state.items() if p is not embedding and p.dim() == 2)
+    assert losses[8] < initial - 1.0, losses
+    assert losses[8] == pytest.approx(losses[32], abs=0.15), losses
+
+
+def test_block_maxima_stay_float32_when_loading_into_bf16_weights() -> None:
+    weight = torch.nn.Parameter(torch.randn(32, 256, dtype=torch.bfloat16))
+    opt = osd.SubspaceOptimizer([weight], lr=1e-3, optim_bits=8, min_8bit_size=0)
+    weight.grad = torch.randn(32, 256, dtype=torch.bfloat16)
+    opt.step()
+    fresh = osd.SubspaceOptimizer([weight], lr=1e-3, optim_bits=8, min_8bit_size=0)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.state[weight]["exp_avg:absmax"].dtype == torch.float32
+    assert torch.equal(fresh.state[weight]["exp_avg:absmax"], opt.state[weight]["exp_avg:absmax"])
+
+
+@pytest.mark.parametrize("bad", [{"optim_bits": 4}, {"optim_bits": True}, {"min_8bit_size": -1}, {"max_grad_norm": 0.0}])
+def test_bad_memory_hyperparameters_are_named(bad: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        osd.SubspaceOptimizer([torch.nn.Parameter(torch.zeros(4, 4))], lr=1e-3, **bad)
+
+
+def test_eight_bit_adamw_matches_torchao_adamw8bit(c4_tokens: torch.Tensor) -> None:
+    """Our 8-bit AdamW (the identity projector) against torchao's ``AdamW8bit`` (same code
+    maps and block size, fused by ``torch.compile``): the held-out loss after 10 steps agrees.
+    Both are ~0.4 nat behind float32 AdamW here (observed: 8.64 vs 8.24 after 20 steps), the
+    cost of 8-bit second moments on the rows of a 32100-token embedding that rarely see a
+    gradient."""
+    from torchao.optim import AdamW8bit
+
+    train, held_out = c4_tokens[:-16], c4_tokens[-16:]
+    losses = []
+    for make in (
+        lambda params: osd.SubspaceOptimizer(params, lr=1e-2, projector="identity", optim_bits=8),
+        lambda params: AdamW8bit(params, lr=1e-2, weight_decay=0.0),
+    ):
+        model = tiny_llama()
+        opt = make(model.parameters())
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(10):
+            batch = train[torch.randint(len(train), (4,), generator=generator)]
+            model(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            losses.append(model(input_ids=held_out, labels=held_out).loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=0.02), losses
