@@ -1,4 +1,4 @@
-"""The ``osd`` command: ``osd train ...`` and ``osd plot RUN_DIR ...``."""
+"""The ``osd`` command: ``osd train ...``, ``osd memory ...`` and ``osd plot RUN_DIR ...``."""
 
 from __future__ import annotations
 
@@ -16,12 +16,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="osd", description="Gradient-subspace optimizers for LLM training.")
     commands = parser.add_subparsers(dest="command", required=True)
     build_parser(commands.add_parser("train", help="pretrain LLaMA (python -m osd.train)"))
+    from osd import memory_report
+
+    memory_report.build_parser(commands.add_parser("memory", help="memory breakdown per optimizer, estimated and --measure'd"))
     plot = commands.add_parser("plot", help="draw loss / perplexity curves of runs into one PNG")
     plot.add_argument("run_dirs", nargs="+", help="osd train output directories")
     plot.add_argument("--output", "-o", default="curves.png", help="PNG to write (default: curves.png)")
     args = parser.parse_args(argv)
     if args.command == "train":
         return train_module.run(args)
+    if args.command == "memory":
+        return memory_report.run(args)
     from osd.plot import plot_runs
 
     try:

@@ -298,6 +298,16 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         self._update_param(group, p, grad, norm, projected)
         return True
 
+    @torch.no_grad()
+    def materialize_state(self, p: Tensor, grad: Tensor) -> None:
+        """Create the state ``p`` holds after its first step (``P`` included) without
+        stepping: on the meta device, this counts an optimizer's memory for free."""
+        group = self._group_of[id(p)]
+        self._init_state(group, p, grad)
+        state = self.state[p]
+        if "rank" in state:
+            PROJECTORS[group["projector"]].prepare(state, grad.mT if state["transposed"] else grad, group)
+
     # ----------------------------------------------------------------------------------
     # The update of one parameter
     # ----------------------------------------------------------------------------------
