@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from osd import memory_report
 from osd import train as train_module
 from osd.config import build_parser
 
@@ -16,8 +17,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="osd", description="Gradient-subspace optimizers for LLM training.")
     commands = parser.add_subparsers(dest="command", required=True)
     build_parser(commands.add_parser("train", help="pretrain LLaMA (python -m osd.train)"))
-    from osd import memory_report
-
     memory_report.build_parser(commands.add_parser("memory", help="memory breakdown per optimizer, estimated and --measure'd"))
     plot = commands.add_parser("plot", help="draw loss / perplexity curves of runs into one PNG")
     plot.add_argument("run_dirs", nargs="+", help="osd train output directories")
