@@ -99,7 +99,10 @@ def build_training_model(config: TrainConfig, vocab_size: int, device: torch.dev
     """The LLaMA of ``config`` on ``device``, with activation checkpointing if asked for."""
     model = build_model(llama_config(config.model, vocab_size, config.seq_len, config.model_config)).to(device)
     if config.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

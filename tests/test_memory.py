@@ -82,3 +82,17 @@ def test_osd_memory_command_measures_and_draws(tmp_path, capsys) -> None:
 def test_osd_memory_names_a_bad_option(capsys) -> None:
     assert main(["--optimizers", "osd_adamw+fast"]) == 2
     assert "+fast" in capsys.readouterr().err
+
+
+def test_activation_checkpointing_trains_the_same() -> None:
+    """Recomputing activations in backward changes memory, not the maths."""
+    ids = torch.randint(VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for checkpointing in (False, True):
+        cfg = TrainConfig(model="nano", optimizer="osd_adamw", rank=32, activation_checkpointing=checkpointing, batch_size=2, seq_len=32, device="cpu")
+        torch.manual_seed(0)
+        model = build_training_model(cfg, VOCAB, torch.device("cpu"))
+        assert model.is_activation_checkpointing == checkpointing
+        opt, _ = build_optimizer(cfg, model)
+        losses.append([train_step(model, opt, [{"input_ids": ids, "labels": ids}], 1.0) for _ in range(3)])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
