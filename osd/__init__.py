@@ -5,6 +5,7 @@ with AdamW, Lion, Adafactor or SGD-momentum inside the subspace, as ``torch.opti
 optimizers. See the README for usage.
 """
 
+from osd.layerwise import LayerwiseUpdates
 from osd.memory import state_bytes
 from osd.optimizer import SubspaceOptimizer
 from osd.param_groups import param_groups
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SubspaceOptimizer",
+    "LayerwiseUpdates",
     "OSDAdamW",
     "GaLoreAdamW",
     "GoLoreAdamW",
