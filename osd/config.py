@@ -73,6 +73,9 @@ class TrainConfig:
     stop_at_step: int | None = _help("stop (with a checkpoint) after this step, as if interrupted", default=None)
     device: str = _help("'auto', 'cpu' or 'cuda'", default="auto")
     progress: bool = _help("show a tqdm progress bar", default=True)
+    # distributed (under torchrun)
+    fsdp: bool = _help("under torchrun: shard weights, gradients and full-rank optimizer states with FSDP2 (default: DDP)", default=False)
+    check_sync: bool = _help("debug: after every step check that all ranks hold the same P and replicated state (raises on mismatch)", default=False)
 
     def __post_init__(self) -> None:
         self.validate()

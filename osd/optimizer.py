@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from osd import sharded
 from osd.projectors import PROJECTORS, get_projector
 from osd.rules import RULES, get_rule
 
@@ -214,7 +215,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         pairs = self._gradients()
         if not pairs:
             return loss
-        norms = torch._foreach_norm([p.grad for _, p in pairs])
+        norms = [sharded.full(norm) for norm in torch._foreach_norm([p.grad for _, p in pairs])]
         if not torch.isfinite(torch.stack(norms)).all():
             if self.nonfinite == "skip":
                 self.skipped_steps += 1
@@ -238,7 +239,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         rule = RULES[group["rule"]]
         hparams = rule.hparams(group)
 
-        G = p.grad.mT if state["transposed"] else p.grad
+        grad = self._working_grad(group, p, "rank" in state)
+        G = grad.mT if state["transposed"] else grad
         projector.prepare(state, G, group)
         P = state.get("proj")
         R = G if P is None else P.mT @ G
@@ -250,9 +252,15 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if hparams["weight_decay"]:
             p.mul_(1.0 - lr * hparams["weight_decay"])
         scale = group["scale"] if P is not None else 1.0
-        p.add_(update.mT if state["transposed"] else update, alpha=-lr * scale)
+        p.add_(sharded.like_param(update.mT if state["transposed"] else update, p), alpha=-lr * scale)
         projector.advance(state, G, R, grad_norm, group)
         state["step"] += 1
+
+    @staticmethod
+    def _working_grad(group: dict[str, Any], p: Tensor, projected: bool) -> Tensor:
+        """``p.grad``; a sharded (FSDP2) one is gathered whole unless its rule runs on shards
+        (see :mod:`osd.sharded`)."""
+        return p.grad if sharded.keeps_shards(group["rule"], projected) else sharded.full(p.grad)
 
     def _init_state(self, group: dict[str, Any], p: Tensor) -> None:
         """Per-parameter state: the projector's (``P`` ...) and the inner rule's (moments)."""
@@ -267,7 +275,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if projected:
             state["rank"] = rank
             state["seed"] = hash((group["seed"], self._param_index(p))) % (2**31)
-        G = p.grad.mT if state["transposed"] else p.grad
+        grad = self._working_grad(group, p, projected)
+        G = grad.mT if state["transposed"] else grad
         projector.init_state(state, G, rank, group)
         low_rank_like = G if not projected else G.new_empty(rank, G.shape[1])
         rule = RULES[group["rule"]]

@@ -15,6 +15,7 @@ Validation perplexity is ``exp(total token loss / number of tokens)`` over a fix
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import resource
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from osd import checkpoint
+from osd import checkpoint, distributed
 from osd.config import ConfigError, TrainConfig, build_parser, config_from_args
 from osd.data import DataError, PackedBatches, load_documents, load_tokenizer, validation_batches
 from osd.memory import state_bytes
@@ -51,16 +52,23 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device) -> tuple[float, float]:
-    """Validation loss per token and perplexity ``exp(sum of token losses / tokens)``."""
+def evaluate(
+    model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, parallel: distributed.Parallel | None = None
+) -> tuple[float, float]:
+    """Validation loss per token and perplexity ``exp(sum of token losses / tokens)``.
+
+    Under ``parallel`` each rank takes its rows of every batch and the sums are added over ranks.
+    """
+    parallel = parallel or distributed.Parallel(device=device)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        loss, tokens = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
+        loss, tokens = token_loss_sum(model, {k: v.to(device) for k, v in parallel.rows(batch).items()})
         total += loss.item()
         count += tokens
     model.train(was_training)
+    total, count = distributed.all_sum([total, count], parallel)
     mean = total / count
     return mean, math.exp(mean)
 
@@ -90,6 +98,22 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _parallel(config: TrainConfig) -> distributed.Parallel:
+    """This process's place in a torchrun job (or a single process), with the batch checked."""
+    try:
+        parallel = distributed.current(_resolve_device(config.device), fsdp=config.fsdp)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if config.accumulation % parallel.world_size:
+        raise ConfigError(
+            f"--total-batch-size ({config.total_batch}) must be a multiple of --batch-size x world size "
+            f"({config.batch_size} x {parallel.world_size})"
+        )
+    if config.batch_size < parallel.world_size:
+        raise ConfigError(f"--batch-size ({config.batch_size}) must be at least the world size ({parallel.world_size}): validation splits each batch's rows over ranks")
+    return parallel
+
+
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """Drop metric lines logged after the checkpoint a run resumes from."""
     if path.exists():
@@ -99,10 +123,12 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) the training described by ``config``; return the final metrics."""
-    device = _resolve_device(config.device)
+    parallel = _parallel(config)
+    device = parallel.device
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(config.to_json())
+    if parallel.is_main:
+        (out_dir / "config.json").write_text(config.to_json())
     checkpoint_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
 
     train_docs = load_documents(config.data, "train", val_docs=config.val_docs)
@@ -114,7 +140,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     try:
         model = build_model(llama_config(config.model, tokenizer.vocab_size, config.seq_len, config.model_config)).to(device)
-        optimizer = create_optimizer(model, config.optimizer, lr=config.lr, **_subspace_kwargs(config))
+        model = distributed.wrap(model, parallel)
+        optimizer = create_optimizer(distributed.unwrap(model), config.optimizer, lr=config.lr, **_subspace_kwargs(config))
     except (ValueError, TypeError) as error:
         raise ConfigError(str(error)) from None
     scheduler = warmup_cosine(optimizer, config.warmup, config.total_steps, config.min_lr_ratio)
@@ -122,21 +149,25 @@ def train(config: TrainConfig) -> dict[str, Any]:
     step, tokens_seen = 0, 0
     if config.resume and checkpoint_path.exists():
         saved = checkpoint.load(checkpoint_path)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        distributed.load_model_state_dict(model, saved["model"])
+        distributed.load_optimizer_state_dict(optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         batches.load_state_dict(saved["data"])
         checkpoint.set_rng_state(saved["rng"])
         step, tokens_seen = saved["step"], saved["tokens"]
-        _truncate_metrics(metrics_path, step)
-    elif metrics_path.exists():
+        if parallel.is_main:
+            _truncate_metrics(metrics_path, step)
+    elif metrics_path.exists() and parallel.is_main:
         metrics_path.unlink()
 
     def save() -> None:
+        # Gathering sharded tensors is collective: every rank takes part, rank 0 writes.
+        state = {"model": distributed.model_state_dict(model), "optimizer": distributed.optimizer_state_dict(optimizer)}
+        if not parallel.is_main:
+            return
         checkpoint.atomic_save(
             {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                **state,
                 "scheduler": scheduler.state_dict(),
                 "data": batches.state_dict(),
                 "rng": checkpoint.rng_state(),
@@ -150,25 +181,31 @@ def train(config: TrainConfig) -> dict[str, Any]:
     last_step = min(config.total_steps, config.stop_at_step or config.total_steps)
     record: dict[str, Any] = {}
     state_total: int | None = None
-    bar = tqdm(total=config.total_steps, initial=step, desc=config.optimizer, disable=not config.progress, file=sys.stderr)
-    with metrics_path.open("a") as metrics:
+    bar = tqdm(total=config.total_steps, initial=step, desc=config.optimizer, disable=not (config.progress and parallel.is_main), file=sys.stderr)
+    with metrics_path.open("a") if parallel.is_main else contextlib.nullcontext() as metrics:
         while step < last_step:
             started = time.perf_counter()
+            # Every rank reads the whole global step (the batches one process would read) and
+            # trains on its share of the micro-batches.
             micro_batches = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(config.accumulation)]
             # Tokens predicted in this step (the loss normaliser) and tokens read (the budget).
             step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
             read_tokens = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
-            train_loss = 0.0
-            for batch in micro_batches:
-                loss_sum, _ = token_loss_sum(model, batch)
-                (loss_sum / step_tokens).backward()
-                train_loss += loss_sum.item() / step_tokens
+            local_loss, own = 0.0, parallel.share(micro_batches)
+            for i, batch in enumerate(own):
+                with distributed.gradient_sync(model, enabled=i == len(own) - 1):
+                    loss_sum, _ = token_loss_sum(model, batch)
+                    (loss_sum * parallel.grad_scale / step_tokens).backward()
+                local_loss += loss_sum.item()
+            train_loss = distributed.all_sum([local_loss], parallel)[0] / step_tokens
             if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                distributed.clip_grad_norm_(list(model.parameters()), config.grad_clip)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if config.check_sync:
+                distributed.check_replicas(model, optimizer, parallel)
             step += 1
             tokens_seen += read_tokens
             if state_total is None:  # every state tensor exists after the first step and keeps its size
@@ -183,9 +220,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "peak_memory_bytes": peak_memory_bytes(device),
             }
             if step % config.eval_interval == 0 or step == config.total_steps:
-                record["val_loss"], record["val_ppl"] = evaluate(model, val_batches, device)
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+                record["val_loss"], record["val_ppl"] = evaluate(model, val_batches, device, parallel)
+            if metrics is not None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", **({"val_ppl": f"{record['val_ppl']:.2f}"} if "val_ppl" in record else {}))
             bar.update()
             if (config.save_interval and step % config.save_interval == 0) or step == last_step:
@@ -202,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Train from parsed ``osd train`` arguments; bad input is one line on stderr, status 2."""
     try:
-        result = train(config_from_args(args))
+        config = config_from_args(args)
+        with distributed.launched(config.device):
+            result = train(config)
     except (ConfigError, DataError) as error:
         print(f"osd train: error: {error}", file=sys.stderr)
         return 2
