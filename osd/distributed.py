@@ -47,21 +47,23 @@ from osd.sharded import full, keeps_shards
 
 __all__ = [
     "Parallel",
-    "launched",
-    "current",
-    "wrap",
-    "unwrap",
-    "gradient_sync",
     "all_sum",
-    "clip_grad_norm_",
-    "model_state_dict",
-    "load_model_state_dict",
-    "optimizer_state_dict",
-    "load_optimizer_state_dict",
     "check_replicas",
+    "clip_grad_norm_",
+    "current",
+    "gradient_sync",
+    "is_main_process",
+    "launched",
+    "load_model_state_dict",
+    "load_optimizer_state_dict",
+    "model_state_dict",
+    "optimizer_state_dict",
+    "unwrap",
+    "wrap",
 ]
 
 T = TypeVar("T")
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class Parallel:
 
     rank: int = 0
     world_size: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = CPU
     mode: str = "single"  # "single", "ddp" or "fsdp"
 
     @property
@@ -103,7 +105,7 @@ def launched(device: str = "auto") -> Iterator[None]:
         return
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if use_cuda else "gloo")
     try:
         yield
@@ -122,8 +124,13 @@ def current(device: torch.device, fsdp: bool = False) -> Parallel:
             raise ValueError("--fsdp needs a process group: launch with torchrun --nproc-per-node N -m osd.train ...")
         return Parallel(device=device)
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return Parallel(dist.get_rank(), dist.get_world_size(), device, "fsdp" if fsdp else "ddp")
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of its group (or there is no group)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def wrap(model: nn.Module, parallel: Parallel) -> nn.Module:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from torch import Tensor
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-__all__ = ["ELEMENTWISE_RULES", "keeps_shards", "full", "like_param"]
+__all__ = ["ELEMENTWISE_RULES", "full", "keeps_shards", "like_param"]
 
 # Inner rules whose update of an entry depends on that entry alone.
 ELEMENTWISE_RULES = frozenset({"adamw", "lion", "sgd"})

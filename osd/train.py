@@ -243,10 +243,11 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         with distributed.launched(config.device):
             result = train(config)
+            main_process = distributed.is_main_process()
     except (ConfigError, DataError) as error:
         print(f"osd train: error: {error}", file=sys.stderr)
         return 2
-    if "val_ppl" in result:
+    if "val_ppl" in result and main_process:
         print(f"step {result['step']}: validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}")
     return 0
 
