@@ -75,6 +75,7 @@ class TrainConfig:
     progress: bool = _help("show a tqdm progress bar", default=True)
     # distributed (under torchrun)
     fsdp: bool = _help("under torchrun: shard weights, gradients and full-rank optimizer states with FSDP2 (default: DDP)", default=False)
+    spread_svd: bool = _help("under torchrun: compute each due SVD refresh of P (GaLore, GoLore) on one rank and broadcast it", default=True)
     check_sync: bool = _help("debug: after every step check that all ranks hold the same P and replicated state (raises on mismatch)", default=False)
 
     def __post_init__(self) -> None:

@@ -35,6 +35,7 @@ from osd.memory import state_bytes
 from osd.models import build_model, llama_config
 from osd.presets import create_optimizer
 from osd.schedule import warmup_cosine
+from osd.spread import spread_refreshes
 
 __all__ = ["train", "evaluate", "main", "run"]
 
@@ -200,6 +201,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             train_loss = distributed.all_sum([local_loss], parallel)[0] / step_tokens
             if config.grad_clip > 0:
                 distributed.clip_grad_norm_(list(model.parameters()), config.grad_clip)
+            if config.spread_svd:
+                spread_refreshes(optimizer, parallel.rank, parallel.world_size)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()

@@ -71,6 +71,7 @@ def runs(tmp_path_factory) -> Path:
     for name in OPTIMIZERS:
         jobs.append({"argv": argv(root / f"ddp_{name}", optimizer=name, check_sync=True)})
         jobs.append({"argv": argv(root / f"fsdp_{name}", optimizer=name, check_sync=True, fsdp=True)})
+    jobs.append({"argv": argv(root / "ddp_galore_adamw_unspread", optimizer="galore_adamw", check_sync=True, spread_svd=False)})
     for mode in ("ddp", "fsdp"):
         jobs.append({"argv": argv(root / f"{mode}_osd_sgd_p", **OSD_SGD_P, check_sync=True, fsdp=mode == "fsdp")})
     for mode in ("ddp", "fsdp"):  # interrupted after step 5, then resumed under a single process / FSDP
@@ -107,6 +108,20 @@ def test_ddp_matches_a_single_process_with_the_same_global_batch(runs: Path, nam
     assert_same_run(runs / f"ddp_{name}", runs / f"single_{name}")
     losses = [r["train_loss"] for r in metrics(runs / f"ddp_{name}")]
     assert losses[-1] < losses[0]
+
+
+def basis_steps(run_dir: Path) -> set:
+    """``basis_step`` of every projected weight in a run's final checkpoint (None: never spread)."""
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)["optimizer"]["state"]
+    return {entry.get("basis_step") for entry in state.values() if "proj" in entry}
+
+
+def test_spreading_the_svd_refreshes_over_ranks_changes_nothing(runs: Path) -> None:
+    # The refresh at step 5 (T = 5) was computed by one rank per weight and broadcast ...
+    assert basis_steps(runs / "ddp_galore_adamw") == {5} and basis_steps(runs / "fsdp_galore_adamw") == {5}
+    assert basis_steps(runs / "ddp_galore_adamw_unspread") == {None}
+    # ... and gives the run that every rank computing every SVD gives.
+    assert_same_run(runs / "ddp_galore_adamw", runs / "ddp_galore_adamw_unspread")
 
 
 @pytest.mark.parametrize(("name", "rel"), [("galore_adamw", 1e-5), ("golore_adamw", 1e-5), ("osd_sgd_p", 1e-5), ("osd_adamw", 1e-3)])
