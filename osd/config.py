@@ -51,7 +51,7 @@ class TrainConfig:
     # schedule and budget
     steps: int = _help("optimizer steps (ignored when --tokens is set)", default=200)
     tokens: int | None = _help("token budget; sets steps = tokens / (total batch * seq len)", default=None)
-    warmup_steps: int | None = _help("linear warmup steps (default: 10% of steps)", default=None)
+    warmup_steps: int | None = _help("linear warmup steps (default: 10%% of steps)", default=None)
     min_lr_ratio: float = _help("cosine decays to this fraction of the peak lr", default=0.1)
     # batches
     batch_size: int = _help("sequences per forward/backward (micro-batch)", default=8)

@@ -153,3 +153,12 @@ def test_a_global_batch_that_does_not_split_over_ranks_is_refused(runs: Path) ->
 def test_fsdp_without_torchrun_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--fsdp needs a process group"):
         train(TrainConfig(**{**COMMON, "optimizer": "osd_adamw", "fsdp": True, "out_dir": str(tmp_path)}))
+
+
+def test_osd_train_help_lists_the_distributed_flags(capsys) -> None:
+    from osd.config import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in ("--fsdp", "--spread-svd", "--check-sync"))
