@@ -55,7 +55,7 @@ class TrainConfig:
     # schedule and budget
     steps: int = _help("optimizer steps (ignored when --tokens is set)", default=200)
     tokens: int | None = _help("token budget; sets steps = tokens / (total batch * seq len)", default=None)
-    warmup_steps: int | None = _help("linear warmup steps (default: 10% of steps)", default=None)
+    warmup_steps: int | None = _help("linear warmup steps (default: 10%% of steps)", default=None)
     min_lr_ratio: float = _help("cosine decays to this fraction of the peak lr", default=0.1)
     # batches
     batch_size: int = _help("sequences per forward/backward (micro-batch)", default=8)
@@ -77,6 +77,10 @@ class TrainConfig:
     stop_at_step: int | None = _help("stop (with a checkpoint) after this step, as if interrupted", default=None)
     device: str = _help("'auto', 'cpu' or 'cuda'", default="auto")
     progress: bool = _help("show a tqdm progress bar", default=True)
+    # distributed (under torchrun)
+    fsdp: bool = _help("under torchrun: shard weights, gradients and full-rank optimizer states with FSDP2 (default: DDP)", default=False)
+    spread_svd: bool = _help("under torchrun: compute each due SVD refresh of P (GaLore, GoLore) on one rank and broadcast it", default=True)
+    check_sync: bool = _help("debug: after every step check that all ranks hold the same P and replicated state (raises on mismatch)", default=False)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
-from osd import quantization
+from osd import quantization, sharded
 from osd.projectors import PROJECTORS, get_projector
 from osd.rules import PROJ_RULES, RULES, get_rule
 
@@ -235,7 +235,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         pairs = self._gradients()
         if not pairs:
             return loss
-        norms = torch._foreach_norm([p.grad for _, p in pairs])
+        norms = [sharded.full(norm) for norm in torch._foreach_norm([p.grad for _, p in pairs])]
         if not torch.isfinite(torch.stack(norms)).all():
             if self.nonfinite == "skip":
                 self.skipped_steps += 1
@@ -324,6 +324,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         rule = RULES[group["rule"]]
         hparams = rule.hparams(group)
 
+        if grad is not None:
+            grad = self._working_grad(group, grad, "rank" in state)
         with self._float_states(state, group, p.dtype):
             G = None if grad is None else grad.mT if state["transposed"] else grad
             if G is not None:
@@ -342,10 +344,16 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             if hparams["weight_decay"]:
                 p.mul_(1.0 - lr * hparams["weight_decay"])
             scale = group["scale"] if P is not None else 1.0
-            p.add_(update.mT if state["transposed"] else update, alpha=-lr * scale)
+            p.add_(sharded.like_param(update.mT if state["transposed"] else update, p), alpha=-lr * scale)
             if G is not None:
                 projector.advance(state, G, R, grad_norm, group)
         state["step"] += 1
+
+    @staticmethod
+    def _working_grad(group: dict[str, Any], grad: Tensor, projected: bool) -> Tensor:
+        """``grad``; a sharded (FSDP2) one is gathered whole unless its rule runs on shards
+        (see :mod:`osd.sharded`)."""
+        return grad if sharded.keeps_shards(group["rule"], projected) else sharded.full(grad)
 
     def _init_state(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> None:
         """Per-parameter state: the projector's (``P`` ...) and the inner rule's (moments),
@@ -361,6 +369,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if projected:
             state["rank"] = rank
             state["seed"] = hash((group["seed"], self._param_index(p))) % (2**31)
+        grad = self._working_grad(group, grad, projected)
         G = grad.mT if state["transposed"] else grad
         projector.init_state(state, G, rank, group)
         low_rank_like = G if not projected else G.new_empty(rank, G.shape[1])

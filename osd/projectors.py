@@ -8,6 +8,7 @@ values inside the optimizer's per-parameter state, so ``state_dict()`` loads wit
 - ``state["proj"]``: ``P``;
 - ``state["transposed"]``: whether the weight was transposed into canonical orientation;
 - ``state["seed"]``: the parameter's seed for random draws;
+- ``state["basis_step"]``: (distributed runs only) the step whose ``P`` was computed ahead;
 - ``state["proj_*"]``: the state of ``P``'s own optimizer (online PCA only).
 
 A rule has two hooks around the weight update of step ``t`` (``state["step"]``, from 0):
@@ -27,7 +28,7 @@ from torch import Tensor
 from osd import functional as F
 from osd.rules import PROJ_RULES
 
-__all__ = ["Projector", "SVDProjector", "RandomProjector", "OnlinePCAProjector", "PROJECTORS", "get_projector", "proj_lr"]
+__all__ = ["Projector", "SVDProjector", "RandomProjector", "OnlinePCAProjector", "PROJECTORS", "get_projector", "proj_lr", "refresh_due"]
 
 PROJ_LR_RULES = ("alpha", "released")
 
@@ -45,6 +46,13 @@ def proj_lr(group: dict[str, Any]) -> float:
         return group["alpha"] * lr
     max_lr = group.get("max_lr") or group.get("initial_lr") or lr
     return lr / (max_lr * group["update_proj_gap"])
+
+
+def refresh_due(state: dict[str, Any], group: dict[str, Any]) -> bool:
+    """Whether ``P`` is to be recomputed (SVD / random) before the update of step ``state["step"]``:
+    every ``update_proj_gap`` steps, unless ``state["basis_step"]`` says it already was for this
+    step (by :func:`osd.spread.spread_refreshes`, which computes it on one rank and broadcasts it)."""
+    return state["step"] % group["update_proj_gap"] == 0 and state.get("basis_step") != state["step"]
 
 
 def _svd_or_fallback(G: Tensor, rank: int, state: dict[str, Any]) -> Tensor:
@@ -100,7 +108,7 @@ class SVDProjector(Projector):
     projects = True
 
     def prepare(self, state: dict[str, Any], G: Tensor, group: dict[str, Any]) -> None:
-        if self.needs_grad(state, group):
+        if refresh_due(state, group):
             state["proj"] = _svd_or_fallback(G, state["rank"], state)
 
     def needs_grad(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
@@ -124,7 +132,7 @@ class RandomProjector(Projector):
 
     def prepare(self, state: dict[str, Any], G: Tensor, group: dict[str, Any]) -> None:
         step = state["step"]
-        if step % group["update_proj_gap"] != 0:
+        if not refresh_due(state, group):
             return
         if group["svd_fraction"] > 0 and step < group["svd_fraction"] * group["total_steps"]:
             state["proj"] = _svd_or_fallback(G, state["rank"], state)

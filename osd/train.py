@@ -17,6 +17,7 @@ Validation perplexity is ``exp(total token loss / number of tokens)`` over a fix
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import resource
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from osd import checkpoint
+from osd import checkpoint, distributed
 from osd.config import ConfigError, TrainConfig, build_parser, config_from_args
 from osd.data import DataError, PackedBatches, load_documents, load_tokenizer, validation_batches
 from osd.layerwise import LayerwiseUpdates
@@ -37,6 +38,7 @@ from osd.memory import state_bytes
 from osd.models import build_model, llama_config
 from osd.presets import create_optimizer
 from osd.schedule import warmup_cosine
+from osd.spread import spread_refreshes
 
 __all__ = ["train", "train_step", "build_training_model", "build_optimizer", "evaluate", "main", "run"]
 
@@ -54,16 +56,23 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device) -> tuple[float, float]:
-    """Validation loss per token and perplexity ``exp(sum of token losses / tokens)``."""
+def evaluate(
+    model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, parallel: distributed.Parallel | None = None
+) -> tuple[float, float]:
+    """Validation loss per token and perplexity ``exp(sum of token losses / tokens)``.
+
+    Under ``parallel`` each rank takes its rows of every batch and the sums are added over ranks.
+    """
+    parallel = parallel or distributed.Parallel(device=device)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        loss, tokens = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
+        loss, tokens = token_loss_sum(model, {k: v.to(device) for k, v in parallel.rows(batch).items()})
         total += loss.item()
         count += tokens
     model.train(was_training)
+    total, count = distributed.all_sum([total, count], parallel)
     mean = total / count
     return mean, math.exp(mean)
 
@@ -118,27 +127,39 @@ def train_step(
     micro_batches: list[dict[str, torch.Tensor]],
     grad_clip: float,
     layerwise: LayerwiseUpdates | None = None,
+    parallel: distributed.Parallel | None = None,
+    spread_svd: bool = False,
 ) -> float:
-    """One optimizer step over ``micro_batches``; returns the train loss per token.
+    """One optimizer step over the global step's ``micro_batches``; returns the train loss per token.
 
     The loss is summed over the step's tokens and divided by their number, so the step's
-    gradient is that of the per-token mean whatever the accumulation. Ordinary: clip the
-    global gradient norm to ``grad_clip`` (0: off), ``optimizer.step()``. Layer-wise: the
-    weights have stepped inside the last backward (clipped per parameter by the optimizer).
+    gradient is that of the per-token mean whatever the accumulation and the world size.
+    Under ``parallel`` (DDP / FSDP2) this rank runs its share of the micro-batches and
+    gradients synchronise on its last one. Ordinary: clip the global gradient norm to
+    ``grad_clip`` (0: off), spread GaLore's SVD refreshes over ranks if ``spread_svd``, then
+    ``optimizer.step()``. Layer-wise: the weights have stepped inside the last backward
+    (clipped per parameter by the optimizer).
     """
+    parallel = parallel or distributed.Parallel(device=micro_batches[0]["input_ids"].device)
     step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
-    train_loss = 0.0
-    for k, batch in enumerate(micro_batches):
+    own = parallel.share(micro_batches)
+    local_loss = 0.0
+    for k, batch in enumerate(own):
+        last = k == len(own) - 1
         if layerwise is not None:
-            layerwise.last_micro_batch = k == len(micro_batches) - 1
-        loss_sum, _ = token_loss_sum(model, batch)
-        (loss_sum / step_tokens).backward()
-        train_loss += loss_sum.item() / step_tokens
+            layerwise.last_micro_batch = last
+        with distributed.gradient_sync(model, enabled=last):
+            loss_sum, _ = token_loss_sum(model, batch)
+            (loss_sum * parallel.grad_scale / step_tokens).backward()
+        local_loss += loss_sum.item()
+    train_loss = distributed.all_sum([local_loss], parallel)[0] / step_tokens
     if layerwise is not None:
         layerwise.finish_step()
         return train_loss
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        distributed.clip_grad_norm_(list(model.parameters()), grad_clip)
+    if spread_svd:
+        spread_refreshes(optimizer, parallel.rank, parallel.world_size)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return train_loss
@@ -152,6 +173,29 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _parallel(config: TrainConfig) -> distributed.Parallel:
+    """This process's place in a torchrun job (or a single process), with the batch checked."""
+    try:
+        parallel = distributed.current(_resolve_device(config.device), fsdp=config.fsdp)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if config.accumulation % parallel.world_size:
+        raise ConfigError(
+            f"--total-batch-size ({config.total_batch}) must be a multiple of --batch-size x world size "
+            f"({config.batch_size} x {parallel.world_size})"
+        )
+    if config.layerwise and parallel.world_size > 1:
+        raise ConfigError(
+            "--layerwise is not supported under DDP/FSDP: a weight's hook fires before its gradient is all-reduced, "
+            "so it would step on this rank's gradient alone; drop --layerwise or run one process"
+        )
+    if config.optim_bits == 8 and parallel.mode == "fsdp":
+        raise ConfigError("--optim-bits 8 is not supported with --fsdp (sharded full-rank states); drop one of them")
+    if config.batch_size < parallel.world_size:
+        raise ConfigError(f"--batch-size ({config.batch_size}) must be at least the world size ({parallel.world_size}): validation splits each batch's rows over ranks")
+    return parallel
+
+
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """Drop metric lines logged after the checkpoint a run resumes from."""
     if path.exists():
@@ -161,10 +205,12 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) the training described by ``config``; return the final metrics."""
-    device = _resolve_device(config.device)
+    parallel = _parallel(config)
+    device = parallel.device
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(config.to_json())
+    if parallel.is_main:
+        (out_dir / "config.json").write_text(config.to_json())
     checkpoint_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
 
     train_docs = load_documents(config.data, "train", val_docs=config.val_docs)
@@ -175,8 +221,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     torch.manual_seed(config.seed)
     try:
-        model = build_training_model(config, tokenizer.vocab_size, device)
-        optimizer, layerwise = build_optimizer(config, model)
+        model = distributed.wrap(build_training_model(config, tokenizer.vocab_size, device), parallel)
+        optimizer, layerwise = build_optimizer(config, distributed.unwrap(model))
     except (ValueError, TypeError) as error:
         raise ConfigError(str(error)) from None
     scheduler = warmup_cosine(optimizer, config.warmup, config.total_steps, config.min_lr_ratio)
@@ -184,21 +230,25 @@ def train(config: TrainConfig) -> dict[str, Any]:
     step, tokens_seen = 0, 0
     if config.resume and checkpoint_path.exists():
         saved = checkpoint.load(checkpoint_path)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        distributed.load_model_state_dict(model, saved["model"])
+        distributed.load_optimizer_state_dict(optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         batches.load_state_dict(saved["data"])
         checkpoint.set_rng_state(saved["rng"])
         step, tokens_seen = saved["step"], saved["tokens"]
-        _truncate_metrics(metrics_path, step)
-    elif metrics_path.exists():
+        if parallel.is_main:
+            _truncate_metrics(metrics_path, step)
+    elif metrics_path.exists() and parallel.is_main:
         metrics_path.unlink()
 
     def save() -> None:
+        # Gathering sharded tensors is collective: every rank takes part, rank 0 writes.
+        state = {"model": distributed.model_state_dict(model), "optimizer": distributed.optimizer_state_dict(optimizer)}
+        if not parallel.is_main:
+            return
         checkpoint.atomic_save(
             {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                **state,
                 "scheduler": scheduler.state_dict(),
                 "data": batches.state_dict(),
                 "rng": checkpoint.rng_state(),
@@ -212,15 +262,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
     last_step = min(config.total_steps, config.stop_at_step or config.total_steps)
     record: dict[str, Any] = {}
     state_total: int | None = None
-    bar = tqdm(total=config.total_steps, initial=step, desc=config.optimizer, disable=not config.progress, file=sys.stderr)
-    with metrics_path.open("a") as metrics:
+    bar = tqdm(total=config.total_steps, initial=step, desc=config.optimizer, disable=not (config.progress and parallel.is_main), file=sys.stderr)
+    with metrics_path.open("a") if parallel.is_main else contextlib.nullcontext() as metrics:
         while step < last_step:
             started = time.perf_counter()
+            # Every rank reads the whole global step (the batches one process would read) and
+            # trains on its share of the micro-batches.
             micro_batches = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(config.accumulation)]
             read_tokens = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
             lr = optimizer.param_groups[0]["lr"]
-            train_loss = train_step(model, optimizer, micro_batches, config.grad_clip, layerwise)
+            train_loss = train_step(model, optimizer, micro_batches, config.grad_clip, layerwise, parallel, config.spread_svd)
             scheduler.step()
+            if config.check_sync:
+                distributed.check_replicas(model, optimizer, parallel)
             step += 1
             tokens_seen += read_tokens
             if state_total is None:  # every state tensor exists after the first step and keeps its size
@@ -235,9 +289,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "peak_memory_bytes": peak_memory_bytes(device),
             }
             if step % config.eval_interval == 0 or step == config.total_steps:
-                record["val_loss"], record["val_ppl"] = evaluate(model, val_batches, device)
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+                record["val_loss"], record["val_ppl"] = evaluate(model, val_batches, device, parallel)
+            if metrics is not None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", **({"val_ppl": f"{record['val_ppl']:.2f}"} if "val_ppl" in record else {}))
             bar.update()
             if (config.save_interval and step % config.save_interval == 0) or step == last_step:
@@ -254,11 +309,14 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Train from parsed ``osd train`` arguments; bad input is one line on stderr, status 2."""
     try:
-        result = train(config_from_args(args))
+        config = config_from_args(args)
+        with distributed.launched(config.device):
+            result = train(config)
+            main_process = distributed.is_main_process()
     except (ConfigError, DataError) as error:
         print(f"osd train: error: {error}", file=sys.stderr)
         return 2
-    if "val_ppl" in result:
+    if "val_ppl" in result and main_process:
         print(f"step {result['step']}: validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}")
     return 0
 

@@ -116,3 +116,15 @@ def test_nonfinite_gradient_skips_only_that_weight_layerwise() -> None:
     updates.finish_step()
     assert updates.skipped == 1
     assert torch.equal(weights[0], torch.ones(4, 4)) and not torch.equal(weights[1], torch.ones(4, 4))
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_layerwise_is_refused_under_data_parallelism(mode: str, monkeypatch, tmp_path) -> None:
+    """A weight's hook fires before DDP/FSDP has reduced its gradient: refuse, never step wrong."""
+    from osd import distributed, train
+    from osd.config import ConfigError, TrainConfig
+
+    monkeypatch.setattr(distributed, "current", lambda device, fsdp=False: distributed.Parallel(rank=0, world_size=2, device=device, mode=mode))
+    config = TrainConfig(model="nano", layerwise=True, batch_size=2, steps=1, out_dir=str(tmp_path), device="cpu")
+    with pytest.raises(ConfigError, match="--layerwise is not supported under DDP/FSDP"):
+        train.train(config)

@@ -1,0 +1,63 @@
+"""GaLore's SVD refreshes spread over the ranks of a data-parallel run.
+
+Under DDP every rank holds the same all-reduced gradients, so every rank would compute the
+same SVD of every projected weight every ``update_proj_gap`` steps. :func:`spread_refreshes`,
+called between the backward and ``optimizer.step()``, instead has weight ``i`` (in the order
+of the refreshes due at this step) computed by rank ``i mod w`` alone, with the projector's
+own ``prepare`` (so the result is exactly what every rank would have computed), and then
+broadcast from that rank into every other rank's ``P``. It marks the step in
+``state["basis_step"]``, so that the optimizer's own ``prepare`` does not recompute it.
+
+Cost per refresh step: each rank computes ``~1/w`` of the SVDs; one broadcast of ``P``
+(``m r`` elements) per projected weight. Under FSDP the gradient of every due weight is
+all-gathered once more (every rank takes part; the owner keeps it until its SVD is done).
+Steps with no refresh due cost nothing. Random bases (GoLore) take the same route; their
+draw is cheap, but it keeps one code path. Online PCA (OSD) has no periodic refresh.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from osd import sharded
+from osd.projectors import PROJECTORS, refresh_due
+
+__all__ = ["spread_refreshes"]
+
+SPREAD_PROJECTORS = ("svd", "random")
+
+
+def spread_refreshes(optimizer: torch.optim.Optimizer, rank: int, world_size: int) -> None:
+    """Compute the ``P`` refreshes due at this step once over all ranks, not on every rank.
+
+    Only parameters whose state exists (after their first step) take part; a weight whose
+    gradient holds NaN or Inf is not marked, so the optimizer's own handling applies. Call it
+    on every rank (collective); every rank checks every due gradient, so all agree.
+    """
+    if world_size == 1:
+        return
+    due = []
+    for group in optimizer.param_groups:
+        if group.get("projector") not in SPREAD_PROJECTORS:
+            continue
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if p.grad is not None and state and "rank" in state and refresh_due(state, group):
+                due.append((group, p, state))
+    owned, finite = [], []
+    for i, (group, p, state) in enumerate(due):
+        grad = sharded.full(p.grad)  # collective under FSDP: every rank, every due weight
+        finite.append(bool(torch.isfinite(grad).all()))
+        if i % world_size == rank and finite[-1]:
+            owned.append((group, state, grad.mT if state["transposed"] else grad))
+    for group, state, G in owned:
+        PROJECTORS[group["projector"]].prepare(state, G, group)
+    for _, _, state in due:  # gloo and NCCL broadcast contiguous tensors only
+        state["proj"] = state["proj"].contiguous()
+    works = [dist.broadcast(state["proj"], src=i % world_size, async_op=True) for i, (_, _, state) in enumerate(due)]
+    for work in works:
+        work.wait()
+    for (_, _, state), ok in zip(due, finite):
+        if ok:  # else the optimizer raises or skips the step, and a retry refreshes P itself
+            state["basis_step"] = state["step"]
