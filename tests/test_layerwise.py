@@ -125,6 +125,6 @@ def test_layerwise_is_refused_under_data_parallelism(mode: str, monkeypatch, tmp
     from osd.config import ConfigError, TrainConfig
 
     monkeypatch.setattr(distributed, "current", lambda device, fsdp=False: distributed.Parallel(rank=0, world_size=2, device=device, mode=mode))
-    config = TrainConfig(model="nano", layerwise=True, batch_size=2, steps=1, out_dir=str(tmp_path), device="cpu")
+    config = TrainConfig(model="nano", layerwise=True, batch_size=2, total_batch_size=4, steps=1, out_dir=str(tmp_path), device="cpu")
     with pytest.raises(ConfigError, match="--layerwise is not supported under DDP/FSDP"):
         train.train(config)
