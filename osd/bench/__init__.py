@@ -1,0 +1,12 @@
+"""``osd bench``: side-by-side benchmarks of AdamW, GaLore, GoLore and OSD.
+
+One module per question, each with a ``main(argv)`` that ``osd bench <name>`` calls and
+that writes ``<name>.json`` and ``<name>.md`` (and PNGs) into ``--out``:
+
+- :mod:`osd.bench.projection`: time of one update of ``P`` per projection rule;
+- :mod:`osd.bench.step`: optimizer-step time and training throughput on the papers' presets;
+- :mod:`osd.bench.convergence`: validation perplexity on C4 with ``osd.train.train``;
+- :mod:`osd.bench.counterexample`: the GoLore paper's noisy quadratic, where GaLore stalls.
+"""
+
+BENCHMARKS = ("projection", "step", "convergence", "counterexample")
