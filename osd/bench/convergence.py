@@ -21,18 +21,19 @@ import dataclasses
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
-from osd.bench.results import markdown_table, plot_curves, write_results
+from osd.bench.results import markdown_table, plot_curves, usage_error, write_results
 from osd.config import ConfigError, TrainConfig
 from osd.data import DataError
 from osd.plot import read_metrics
 from osd.train import train
 
-__all__ = ["DEFAULT_CONFIGS", "parse_spec", "run_convergence", "main"]
+__all__ = ["DEFAULT_CONFIGS", "build_parser", "main", "parse_spec", "run", "run_convergence"]
 
 # Adam-inner runs share --lr (GaLore's recipe: 1e-2 with scale 0.25); Lion takes a 10x
 # smaller step, as the Lion paper advises against AdamW's.
@@ -152,9 +153,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), metavar="NAME[:K=V,...]", help=f"optimizers and their overrides (default: {' '.join(DEFAULT_CONFIGS)})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds (default: 0 1)")
     parser.add_argument("--shared", type=Path, default=Path("../shared"), help="folder with data/c4_train_sample.jsonl and tokenizers/t5_tokenizer.json (default: ../shared)")
-    parser.add_argument("--model", default="micro", help="model preset (default: micro)")
+    parser.add_argument("--model", default="nano", help="model preset (default: nano)")
     parser.add_argument("--lr", type=float, default=1e-2, help="peak lr unless a config sets its own (default: 1e-2)")
-    parser.add_argument("--rank", type=int, default=32, help="rank of the projected weights (default: 32)")
+    parser.add_argument("--rank", type=int, default=16, help="rank of the projected weights (default: 16, a quarter of nano's hidden size)")
     parser.add_argument("--update-proj-gap", type=int, default=20, help="GaLore/GoLore refresh interval (default: 20)")
     parser.add_argument("--scale", type=float, default=0.25, help="factor on projected updates (default: 0.25)")
     parser.add_argument("--seq-len", type=int, default=128)
@@ -169,7 +170,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv), argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run with parsed arguments; ``argv`` is recorded as the command. Bad input: status 2."""
     base = {
         "model": args.model, "lr": args.lr, "rank": args.rank, "update_proj_gap": args.update_proj_gap, "scale": args.scale,
         "seq_len": args.seq_len, "batch_size": args.batch_size, "tokens": args.tokens, "eval_interval": args.eval_interval,
@@ -179,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run_convergence(base, args.configs, args.seeds, args.out)
     except (ConfigError, DataError) as error:
-        print(f"osd bench convergence: error: {error}", file=sys.stderr)
-        return 2
+        return usage_error("convergence", str(error))
     curves = {spec: (s["runs"][0]["curve"]["tokens"], [r["curve"]["val_ppl"] for r in s["runs"]]) for spec, s in results["configs"].items()}
     png = plot_curves(curves, args.out / "convergence.png", "tokens", "validation perplexity", f"{args.model}, C4, mean and min–max over seeds")
     results["plot"] = str(png)

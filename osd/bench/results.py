@@ -8,13 +8,15 @@ import os
 import platform
 import shlex
 import statistics
+import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
-__all__ = ["machine_info", "measure", "summarize", "markdown_table", "write_results", "plot_curves"]
+__all__ = ["machine_info", "markdown_table", "measure", "plot_curves", "summarize", "usage_error", "write_results"]
 
 
 def _cpu_model() -> str:
@@ -54,13 +56,13 @@ def machine_line(machine: Mapping[str, Any]) -> str:
     )
 
 
-def synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device | None) -> None:
     """Wait for queued GPU work, so a wall-clock interval covers it (no-op on the CPU)."""
-    if device.type == "cuda":
+    if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def measure(prepare: Callable[[], Callable[[], object]], repeats: int, warmup: int, device: torch.device = torch.device("cpu")) -> list[float]:
+def measure(prepare: Callable[[], Callable[[], object]], repeats: int, warmup: int, device: torch.device | None = None) -> list[float]:
     """Milliseconds of ``repeats`` calls after ``warmup`` untimed ones.
 
     ``prepare()`` does the untimed set-up of one call (a fresh gradient ...) and returns the
@@ -94,6 +96,12 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def usage_error(benchmark: str, message: str) -> int:
+    """Print ``osd bench <benchmark>: error: <message>`` on stderr; return exit status 2."""
+    print(f"osd bench {benchmark}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def command_line(benchmark: str, argv: Sequence[str]) -> str:
