@@ -26,7 +26,7 @@ def read(out: Path, name: str) -> tuple[dict, str]:
 
 
 def test_projection_times_every_rule_with_ratios(tmp_path: Path) -> None:
-    assert projection.main(["--shapes", "48x32:4", "64x96:8", "--repeats", "2", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    assert osd_main(["bench", "projection", "--shapes", "48x32:4", "64x96:8", "--repeats", "2", "--warmup", "0", "--out", str(tmp_path)]) == 0
     payload, markdown = read(tmp_path, "projection")
     shapes = [(r["m"], r["n"], r["rank"]) for r in payload["results"]]
     assert shapes == [(32, 48, 4), (64, 96, 8)]  # canonical orientation, m <= n
@@ -40,7 +40,7 @@ def test_projection_times_every_rule_with_ratios(tmp_path: Path) -> None:
 
 def test_projection_rejects_a_rank_not_below_the_small_side(capsys) -> None:
     with pytest.raises(SystemExit):
-        projection.main(["--shapes", "32x48:32"])
+        osd_main(["bench", "projection", "--shapes", "32x48:32"])
     assert "rank must be in (0, 32)" in capsys.readouterr().err
 
 
@@ -48,7 +48,7 @@ def test_step_times_every_optimizer_and_throughput(tmp_path: Path) -> None:
     argv = ["--presets", "nano", "--throughput-presets", "nano", "--random-tokens", "--batch-size", "2", "--seq-len", "16",
             "--repeats", "2", "--warmup", "1", "--refresh-repeats", "1", "--train-repeats", "1", "--train-warmup", "1",
             "--gap", "10", "--profile", "osd_adamw", "--out", str(tmp_path)]
-    assert step.main(argv) == 0
+    assert osd_main(["bench", "step", *argv]) == 0
     payload, markdown = read(tmp_path, "step")
     (result,) = payload["results"]
     assert result["preset"] == "nano" and result["rank"] == 16 and result["tokens_per_step"] == 32
@@ -64,13 +64,13 @@ def test_step_times_every_optimizer_and_throughput(tmp_path: Path) -> None:
 
 
 def test_step_rejects_throughput_of_a_preset_not_benchmarked(tmp_path: Path, capsys) -> None:
-    assert step.main(["--presets", "nano", "--throughput-presets", "micro", "--random-tokens", "--out", str(tmp_path)]) == 2
+    assert osd_main(["bench", "step", "--presets", "nano", "--throughput-presets", "micro", "--random-tokens", "--out", str(tmp_path)]) == 2
     assert "not among --presets" in capsys.readouterr().err
 
 
 def test_counterexample_full_rank_converges_and_galore_stalls(tmp_path: Path) -> None:
     argv = ["--m", "16", "--n", "32", "--rank", "4", "--steps", "300", "--rules", "sgd", "--seeds", "0", "1", "--out", str(tmp_path)]
-    assert counterexample.main(argv) == 0
+    assert osd_main(["bench", "counterexample", *argv]) == 0
     payload, markdown = read(tmp_path, "counterexample")
     results = payload["results"]
     assert set(results) == {f"sgd/{name}" for name in counterexample.PROJECTORS}

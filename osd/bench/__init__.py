@@ -1,7 +1,8 @@
 """``osd bench``: side-by-side benchmarks of AdamW, GaLore, GoLore and OSD.
 
-One module per question, each with a ``main(argv)`` that ``osd bench <name>`` calls and
-that writes ``<name>.json`` and ``<name>.md`` (and PNGs) into ``--out``:
+One module per question, each with ``build_parser(parser)`` (its flags) and
+``run(args, argv)``, which ``osd bench <name>`` calls (``osd.cli``) and which writes
+``<name>.json`` and ``<name>.md`` (and PNGs) into ``--out``:
 
 - :mod:`osd.bench.projection`: time of one update of ``P`` per projection rule;
 - :mod:`osd.bench.step`: optimizer-step time and training throughput on the papers' presets;

@@ -33,7 +33,7 @@ from osd.data import DataError
 from osd.plot import read_metrics
 from osd.train import train
 
-__all__ = ["DEFAULT_CONFIGS", "build_parser", "main", "parse_spec", "run", "run_convergence"]
+__all__ = ["DEFAULT_CONFIGS", "build_parser", "parse_spec", "run", "run_convergence"]
 
 # Adam-inner runs share --lr (GaLore's recipe: 1e-2 with scale 0.25); Lion takes a 10x
 # smaller step, as the Lion paper advises against AdamW's.
@@ -168,13 +168,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return run(build_parser().parse_args(argv), argv)
-
-
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    """Run with parsed arguments; ``argv`` is recorded as the command. Bad input: status 2."""
+    """``osd bench convergence``: run with parsed arguments (``argv``, recorded as the command);
+    bad input is one line on stderr and exit status 2."""
     base = {
         "model": args.model, "lr": args.lr, "rank": args.rank, "update_proj_gap": args.update_proj_gap, "scale": args.scale,
         "seq_len": args.seq_len, "batch_size": args.batch_size, "tokens": args.tokens, "eval_interval": args.eval_interval,
@@ -192,7 +188,3 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     print(md_path.read_text())
     print(f"wrote {json_path}, {md_path}, {png}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

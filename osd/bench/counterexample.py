@@ -42,7 +42,7 @@ from osd.bench.results import markdown_table, plot_curves, usage_error, write_re
 from osd.optimizer import SubspaceOptimizer
 from osd.schedule import warmup_cosine
 
-__all__ = ["PROJECTORS", "NoisyQuadratic", "build_parser", "main", "run", "run_projector"]
+__all__ = ["PROJECTORS", "NoisyQuadratic", "build_parser", "run", "run_projector"]
 
 PROJECTORS = {"full_rank": "identity", "galore": "svd", "golore": "random", "osd": "online_pca"}
 DEFAULT_LR = {"sgd": 0.05, "adamw": 0.01}
@@ -183,13 +183,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return run(build_parser().parse_args(argv), argv)
-
-
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    """Run with parsed arguments; ``argv`` is recorded as the command. Bad input: status 2."""
+    """``osd bench counterexample``: run with parsed arguments (``argv``, recorded as the command);
+    bad input is one line on stderr and exit status 2."""
     unknown = {rule for rule, _ in args.lr + args.alpha} - set(DEFAULT_LR)
     if unknown:
         return usage_error("counterexample", f"--lr/--alpha name unknown rules {sorted(unknown)}; known: {list(DEFAULT_LR)}")
@@ -208,7 +204,3 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     print(md_path.read_text())
     print(f"wrote {json_path}, {md_path}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

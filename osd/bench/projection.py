@@ -45,7 +45,7 @@ from osd.bench.results import (
 from osd.optimizer import SUBSPACE_DEFAULTS
 from osd.projectors import OnlinePCAProjector
 
-__all__ = ["DEFAULT_SHAPES", "RULES", "GradientStream", "benchmark_shape", "build_parser", "main", "run"]
+__all__ = ["DEFAULT_SHAPES", "RULES", "GradientStream", "benchmark_shape", "build_parser", "run"]
 
 # (m, n, r): the projected MLP weights of LLaMA 60M, 350M, 1B and 7B with the papers' ranks.
 DEFAULT_SHAPES: tuple[tuple[int, int, int], ...] = ((512, 1376, 128), (1024, 2736, 256), (2048, 5461, 512), (4096, 11008, 1024))
@@ -182,13 +182,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return run(build_parser().parse_args(argv), argv)
-
-
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    """Run with parsed arguments; ``argv`` is recorded as the command. Bad input: status 2."""
+    """``osd bench projection``: run with parsed arguments (``argv``, recorded as the command);
+    bad input is one line on stderr and exit status 2."""
     if args.repeats < 1 or args.warmup < 0:
         return usage_error("projection", "--repeats must be >= 1 and --warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -206,7 +202,3 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     print(md_path.read_text())
     print(f"wrote {json_path}, {md_path}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

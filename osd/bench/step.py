@@ -46,7 +46,7 @@ from osd.models import PRESETS, build_model, llama_config
 from osd.presets import create_optimizer
 from osd.train import token_loss_sum
 
-__all__ = ["OPTIMIZERS", "PAPER_RANKS", "build_parser", "main", "run"]
+__all__ = ["OPTIMIZERS", "PAPER_RANKS", "build_parser", "run"]
 
 OPTIMIZERS = ("adamw", "galore_adamw", "golore_adamw", "osd_adamw")
 REFRESHED = {"galore_adamw", "golore_adamw"}  # P changes only at a refresh, every `gap` steps
@@ -218,13 +218,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return run(build_parser().parse_args(argv), argv)
-
-
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    """Run with parsed arguments; ``argv`` is recorded as the command. Bad input: status 2."""
+    """``osd bench step``: run with parsed arguments (``argv``, recorded as the command);
+    bad input is one line on stderr and exit status 2."""
     for name in ("repeats", "refresh_repeats", "train_repeats", "gap", "batch_size", "seq_len"):
         if getattr(args, name) < 1:
             return usage_error("step", f"--{name.replace('_', '-')} must be >= 1")
@@ -246,7 +242,3 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     print(md_path.read_text())
     print(f"wrote {json_path}, {md_path}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
