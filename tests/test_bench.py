@@ -69,9 +69,10 @@ def test_step_rejects_throughput_of_a_preset_not_benchmarked(tmp_path: Path, cap
 
 
 def test_counterexample_full_rank_converges_and_galore_stalls(tmp_path: Path) -> None:
-    argv = ["--m", "16", "--n", "32", "--rank", "4", "--steps", "300", "--rules", "sgd", "--seeds", "0", "1", "--out", str(tmp_path)]
+    out = tmp_path / "new" / "folder"  # created by the benchmark
+    argv = ["--m", "16", "--n", "32", "--rank", "4", "--steps", "300", "--rules", "sgd", "--seeds", "0", "1", "--out", str(out)]
     assert osd_main(["bench", "counterexample", *argv]) == 0
-    payload, markdown = read(tmp_path, "counterexample")
+    payload, markdown = read(out, "counterexample")
     results = payload["results"]
     assert set(results) == {f"sgd/{name}" for name in counterexample.PROJECTORS}
     full, galore = results["sgd/full_rank"], results["sgd/galore"]
@@ -79,7 +80,7 @@ def test_counterexample_full_rank_converges_and_galore_stalls(tmp_path: Path) ->
     # GaLore's P spans the noise rows, which f ignores: no progress on f at all.
     assert galore["verdict"] == "stalled" and min(r["final_loss_gap"] for r in galore["runs"]) > 0.5
     assert len(full["runs"][0]["steps"]) == len(full["runs"][0]["loss_gap"]) == 31
-    assert (tmp_path / "counterexample_sgd.png").stat().st_size > 0
+    assert (out / "counterexample_sgd.png").stat().st_size > 0
     assert "| `sgd` | galore |" in markdown
 
 

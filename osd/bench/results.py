@@ -140,7 +140,8 @@ def plot_curves(
     log_y: bool = True,
 ) -> Path:
     """One line per label: ``curves[label] = (x, [y of run 1, y of run 2, ...])``; the mean
-    over runs is drawn, with the min–max band when there are several runs. PNG to ``path``."""
+    over runs is drawn, with the min–max band when there are several runs. PNG to ``path``
+    (its folder is created if missing)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,6 +159,7 @@ def plot_curves(
     ax.legend()
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
