@@ -24,8 +24,8 @@ Each projector runs with each inner rule (``sgd`` momentum, ``adamw``) from ``X_
 cosine learning rate to 0, over several noise seeds. Reported: the loss gap
 ``(f - f*) / (f(X_0) - f*)`` half-way and at the end, the distance
 ``||X_top - X_top*|| / ||X_top*||`` at the end, and a verdict on the worst seed:
-``converged`` (final gap < 1e-2), ``descending`` (final gap < half the half-way gap) or
-``stalled``.
+``converged`` (final gap < 1e-2), ``descending`` (final gap below 1 and below half the
+half-way gap) or ``stalled``.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def verdict(final_gaps: list[float], halfway_gaps: list[float]) -> str:
     """``converged``, ``descending`` or ``stalled``, judged on the worst seed."""
     if max(final_gaps) < CONVERGED:
         return "converged"
-    if all(final < DESCENDING * half for final, half in zip(final_gaps, halfway_gaps)):
+    if all(final < min(1.0, DESCENDING * half) for final, half in zip(final_gaps, halfway_gaps)):
         return "descending"
     return "stalled"
 
@@ -151,7 +151,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"X: {args.m} x {args.n}, noise in the last r = {args.rank} rows with sigma = {args.sigma}, rank r = {args.rank}, "
         f"{args.steps} steps, cosine lr to 0, refresh every {args.gap} steps, OSD alpha {args.alpha}, seeds {args.seeds}. "
         "Loss gap = (f - f*) / (f(X0) - f*) (1 = no progress); distance = ||X_top - X_top*|| / ||X_top*||; "
-        f"verdict on the worst seed: converged (final gap < {CONVERGED:g}), descending (final < {DESCENDING:g} x half-way), else stalled.\n\n"
+        f"verdict on the worst seed: converged (final gap < {CONVERGED:g}), descending (final < 1 and < {DESCENDING:g} x half-way), else stalled.\n\n"
         f"{markdown_table(header, rows, numeric_from=2)}\n"
     )
 
