@@ -1,12 +1,14 @@
-"""The ``osd`` command: ``osd train ...``, ``osd memory ...`` and ``osd plot RUN_DIR ...``."""
+"""The ``osd`` command: ``osd train ...``, ``osd memory ...``, ``osd bench NAME ...`` and ``osd plot RUN_DIR ...``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from osd import memory_report
 from osd import train as train_module
+from osd.bench import BENCHMARKS
 from osd.config import build_parser
 
 __all__ = ["main"]
@@ -21,11 +23,18 @@ def main(argv: list[str] | None = None) -> int:
     plot = commands.add_parser("plot", help="draw loss / perplexity curves of runs into one PNG")
     plot.add_argument("run_dirs", nargs="+", help="osd train output directories")
     plot.add_argument("--output", "-o", default="curves.png", help="PNG to write (default: curves.png)")
+    bench = commands.add_parser("bench", help="benchmarks: projection, step, convergence, counterexample (JSON + Markdown)")
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True)
+    modules = {name: importlib.import_module(f"osd.bench.{name}") for name in BENCHMARKS}
+    for name, module in modules.items():
+        module.build_parser(benchmarks.add_parser(name, help=module.__doc__.split("\n\n")[0].split(": ", 1)[-1]))
     args = parser.parse_args(argv)
     if args.command == "train":
         return train_module.run(args)
     if args.command == "memory":
         return memory_report.run(args)
+    if args.command == "bench":
+        return modules[args.benchmark].run(args, argv[2:])
     from osd.plot import plot_runs
 
     try:

@@ -1,0 +1,244 @@
+"""``osd bench step``: optimizer-step time over a whole model, and training throughput.
+
+For each model preset (default the papers' 60m and 130m, t5-base vocabulary) the gradients
+are real: one forward/backward of the model on a batch of packed C4 text (t5 tokenizer),
+or of uniformly random tokens with ``--random-tokens`` (no tokenizer or data needed; the
+optimizer's cost depends on the shapes, not on the values, except through GaLore's SVD,
+whose LAPACK iterations hardly vary). With these gradients fixed, ``optimizer.step()`` over
+every parameter is timed for:
+
+- ``adamw``: ``torch.optim.AdamW(foreach=True)``, full rank;
+- ``galore_adamw``: a regular step (``P`` fixed), the refresh step alone (an SVD of every
+  projected gradient, timed with ``update_proj_gap=1``), and the amortised step
+  ``regular + (refresh - regular) / gap``;
+- ``golore_adamw``: the same with a random draw as the refresh;
+- ``osd_adamw``: every step moves ``P`` (one online-PCA step), so there is no refresh.
+
+Throughput (``--throughput-presets``, default 60m): whole training steps, forward +
+backward + ``optimizer.step()`` on one batch, timed after warm-up steps; tokens/s uses the
+median step plus, for GaLore/GoLore, the amortised refresh overhead ``(refresh - regular) /
+gap``; each as a ratio to AdamW's. ``--profile NAME`` also writes a ``torch.profiler`` table
+of one training step of optimizer ``NAME`` (forward, backward and step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from osd.bench.results import (
+    format_ms,
+    machine_info,
+    markdown_table,
+    measure,
+    summarize,
+    usage_error,
+    write_results,
+)
+from osd.data import DataError, PackedBatches, load_documents, load_tokenizer
+from osd.models import PRESETS, build_model, llama_config
+from osd.presets import create_optimizer
+from osd.train import token_loss_sum
+
+__all__ = ["OPTIMIZERS", "PAPER_RANKS", "build_parser", "run"]
+
+OPTIMIZERS = ("adamw", "galore_adamw", "golore_adamw", "osd_adamw")
+REFRESHED = {"galore_adamw", "golore_adamw"}  # P changes only at a refresh, every `gap` steps
+PAPER_RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+T5_VOCAB = 32100  # t5-base tokenizer's size, the vocabulary with --random-tokens
+
+
+def default_rank(preset: str) -> int:
+    """The papers' rank for their presets; a quarter of the hidden size for the small ones."""
+    return PAPER_RANKS.get(preset, PRESETS[preset]["hidden_size"] // 4)
+
+
+def make_optimizer(model: torch.nn.Module, name: str, rank: int, gap: int) -> torch.optim.Optimizer:
+    """``name`` as ``osd train`` builds it (lr 1e-3, scale 0.25, no weight decay); AdamW is
+    torch's with ``foreach=True``."""
+    if name == "adamw":
+        return create_optimizer(model, name, lr=1e-3, foreach=True)
+    return create_optimizer(model, name, lr=1e-3, rank=rank, update_proj_gap=gap, scale=0.25)
+
+
+def load_batch(args: argparse.Namespace, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], int]:
+    """One ``(batch, seq_len)`` batch and the vocabulary size: packed C4, or random tokens."""
+    if args.random_tokens:
+        ids = torch.randint(0, T5_VOCAB, (args.batch_size, args.seq_len), generator=generator)
+        return {"input_ids": ids, "labels": ids}, T5_VOCAB
+    tokenizer = load_tokenizer(str(args.shared / "tokenizers" / "t5_tokenizer.json"))
+    documents = load_documents(str(args.shared / "data" / "c4_train_sample.jsonl"), "train")
+    return next(PackedBatches(documents, tokenizer, args.batch_size, args.seq_len)), tokenizer.vocab_size
+
+
+def forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    """Mean next-token loss of ``batch``, backpropagated into ``.grad``."""
+    loss, tokens = token_loss_sum(model, batch)
+    (loss / tokens).backward()
+
+
+def step_times(model: torch.nn.Module, name: str, rank: int, gap: int, repeats: int, warmup: int) -> list[float]:
+    """``optimizer.step()`` times (ms) with the model's current gradients; the warm-up steps
+    create the state (and, for GaLore/GoLore, take the first refresh)."""
+    optimizer = make_optimizer(model, name, rank, gap)
+    return measure(lambda: optimizer.step, repeats, warmup)
+
+
+def train_step_times(model: torch.nn.Module, batch: dict[str, torch.Tensor], name: str, rank: int, gap: int, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Times (ms) of whole training steps and of their forward+backward and step parts."""
+    optimizer = make_optimizer(model, name, rank, gap)
+    parts: dict[str, list[float]] = {"forward_backward": [], "step": []}
+
+    def prepare() -> Callable[[], None]:
+        def train_step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            parts["forward_backward"] += measure(lambda: lambda: forward_backward(model, batch), 1, 0)
+            parts["step"] += measure(lambda: optimizer.step, 1, 0)
+
+        return train_step
+
+    total = measure(prepare, repeats, warmup)
+    return {"train_step": total, **{key: times[warmup:] for key, times in parts.items()}}
+
+
+def profile_train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], name: str, rank: int, gap: int, path: Path) -> Path:
+    """A ``torch.profiler`` table (top ops by CPU time) of one training step after two warm-up steps."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    optimizer = make_optimizer(model, name, rank, gap)
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        forward_backward(model, batch)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("forward_backward"):
+            forward_backward(model, batch)
+        with record_function("optimizer.step"):
+            optimizer.step()
+    path.write_text(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40) + "\n")
+    return path
+
+
+def bench_preset(preset: str, args: argparse.Namespace, throughput: bool, bar: tqdm) -> dict[str, Any]:
+    """Step times of every optimizer on ``preset``, and its throughput if asked."""
+    generator = torch.Generator().manual_seed(args.seed)
+    batch, vocab = load_batch(args, generator)
+    torch.manual_seed(args.seed)
+    model = build_model(llama_config(preset, vocab, args.seq_len))
+    rank = args.rank or default_rank(preset)
+    tokens = batch["input_ids"].numel()
+    forward_backward(model, batch)
+    result: dict[str, Any] = {"preset": preset, "rank": rank, "parameters": sum(p.numel() for p in model.parameters()), "tokens_per_step": tokens, "optimizers": {}}
+    for name in args.optimizers:
+        bar.set_postfix_str(f"{preset} {name} step")
+        entry: dict[str, Any] = {"step": summarize(step_times(model, name, rank, args.gap, args.repeats, args.warmup))}
+        regular = entry["step"]["median_ms"]
+        if name in REFRESHED:
+            entry["refresh_step"] = summarize(step_times(model, name, rank, 1, args.refresh_repeats, 1))
+            entry["refresh_overhead_ms"] = (entry["refresh_step"]["median_ms"] - regular) / args.gap
+        entry["amortised_step_ms"] = regular + entry.get("refresh_overhead_ms", 0.0)
+        result["optimizers"][name] = entry
+        bar.update()
+    if throughput:
+        for name in args.optimizers:
+            bar.set_postfix_str(f"{preset} {name} train")
+            entry = result["optimizers"][name]
+            times = train_step_times(model, batch, name, rank, args.gap, args.train_repeats, args.train_warmup)
+            entry["train"] = {key: summarize(value) for key, value in times.items()}
+            seconds = (entry["train"]["train_step"]["median_ms"] + entry.get("refresh_overhead_ms", 0.0)) / 1e3
+            entry["tokens_per_s"] = tokens / seconds
+            bar.update()
+        if "adamw" in result["optimizers"]:
+            base = result["optimizers"]["adamw"]["tokens_per_s"]
+            for entry in result["optimizers"].values():
+                entry["throughput_vs_adamw"] = entry["tokens_per_s"] / base
+        if args.profile:
+            bar.set_postfix_str(f"{preset} {args.profile} profile")
+            path = profile_train_step(model, batch, args.profile, rank, args.gap, Path(args.out) / f"profile_{preset}_{args.profile}.txt")
+            result["profile"] = str(path)
+    return result
+
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    step_rows, train_rows = [], []
+    for res in results:
+        base = res["optimizers"].get("adamw", {}).get("amortised_step_ms")
+        for name, e in res["optimizers"].items():
+            refresh = format_ms(e["refresh_step"]) if "refresh_step" in e else "—"
+            ratio = f"{e['amortised_step_ms'] / base:.2f}x" if base else "—"
+            step_rows.append([res["preset"], res["rank"], name, format_ms(e["step"]), refresh, f"{e['amortised_step_ms']:.2f}", ratio])
+            if "train" in e:
+                t = e["train"]
+                train_rows.append([res["preset"], name, format_ms(t["forward_backward"]), format_ms(t["step"]), format_ms(t["train_step"]),
+                                   f"{e['tokens_per_s']:.0f}", f"{e['throughput_vs_adamw']:.3f}x" if "throughput_vs_adamw" in e else "—"])
+    text = (
+        f"`optimizer.step()` over all parameters, median (min–max) ms of {args.repeats} steps after {args.warmup} warm-up "
+        f"(refresh: {args.refresh_repeats} after 1); amortised = regular + (refresh − regular) / {args.gap}.\n\n"
+        + markdown_table(["preset", "rank", "optimizer", "step (ms)", "refresh step (ms)", "amortised step (ms)", "vs AdamW"], step_rows, numeric_from=3)
+        + "\n"
+    )
+    if train_rows:
+        batch = f"{args.batch_size} x {args.seq_len}"
+        text += (
+            f"\nTraining throughput, batch {batch} tokens: {args.train_repeats} steps after {args.train_warmup} warm-up, median (min–max) ms; "
+            "tokens/s from the median step plus the amortised refresh.\n\n"
+            + markdown_table(["preset", "optimizer", "forward+backward (ms)", "step (ms)", "train step (ms)", "tokens/s", "vs AdamW"], train_rows, numeric_from=2)
+            + "\n"
+        )
+    return text
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="osd bench step")
+    parser.description = __doc__.split("\n\n")[0]
+    parser.add_argument("--presets", nargs="+", default=["60m", "130m"], choices=list(PRESETS), help="model presets (default: 60m 130m)")
+    parser.add_argument("--throughput-presets", nargs="*", default=["60m"], help="presets whose training throughput is measured (default: 60m)")
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS), help="default: all four")
+    parser.add_argument("--rank", type=int, default=None, help="rank for every preset (default: the papers' rank, 60m: 128, 130m: 256)")
+    parser.add_argument("--gap", type=int, default=200, help="GaLore/GoLore update_proj_gap the refresh is amortised over (default: 200)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per batch (default: 16)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed optimizer steps (default: 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default: 2)")
+    parser.add_argument("--refresh-repeats", type=int, default=3, help="timed refresh steps (default: 3)")
+    parser.add_argument("--train-repeats", type=int, default=3, help="timed training steps (default: 3)")
+    parser.add_argument("--train-warmup", type=int, default=2, help="untimed training steps first (default: 2)")
+    parser.add_argument("--profile", choices=list(OPTIMIZERS), default=None, help="also profile one training step of this optimizer")
+    parser.add_argument("--random-tokens", action="store_true", help="random token ids (vocab 32100) instead of C4 text")
+    parser.add_argument("--shared", type=Path, default=Path("../shared"), help="folder with the C4 sample and t5 tokenizer (default: ../shared)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/bench/step", help="output folder (default: runs/bench/step)")
+    return parser
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """``osd bench step``: run with parsed arguments (``argv``, recorded as the command);
+    bad input is one line on stderr and exit status 2."""
+    for name in ("repeats", "refresh_repeats", "train_repeats", "gap", "batch_size", "seq_len"):
+        if getattr(args, name) < 1:
+            return usage_error("step", f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0 or args.train_warmup < 0:
+        return usage_error("step", "--warmup and --train-warmup must be >= 0")
+    unknown = set(args.throughput_presets) - set(args.presets)
+    if unknown:
+        return usage_error("step", f"--throughput-presets {sorted(unknown)} are not among --presets {args.presets}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    total = sum(len(args.optimizers) * (2 if p in args.throughput_presets else 1) for p in args.presets)
+    try:
+        with tqdm(total=total, desc="step", unit="bench", file=sys.stderr) as bar:
+            results = [bench_preset(preset, args, preset in args.throughput_presets, bar) for preset in args.presets]
+    except DataError as error:
+        return usage_error("step", str(error))
+    config = {key: value if not isinstance(value, Path) else str(value) for key, value in vars(args).items()}
+    json_path, md_path = write_results(args.out, "step", argv, config, results, report(results, args), machine)
+    print(md_path.read_text())
+    print(f"wrote {json_path}, {md_path}", file=sys.stderr)
+    return 0
