@@ -404,15 +404,15 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 _store_8bit(state, key, state.pop(key), self._nonnegative(group, key))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``torch.optim.Optimizer.load_state_dict``, but 8-bit block maxima stay float32
-        (torch casts every floating state tensor to its parameter's dtype)."""
+        """As ``torch.optim.Optimizer.load_state_dict``, but 8-bit states keep their dtypes
+        (torch casts every state tensor but ``step`` to a floating parameter's dtype)."""
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         for p, saved_id in zip(params, saved_ids):
             for key, value in state_dict["state"].get(saved_id, {}).items():
-                if isinstance(key, str) and key.endswith(_ABSMAX):
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+                if isinstance(key, str) and key.endswith((_CODES, _ABSMAX, _SHAPE)):
+                    self.state[p][key] = value.to(device=p.device)
 
     def _param_index(self, p: Tensor) -> int:
         """Position of ``p`` among all parameters, the same as in ``state_dict()``."""

@@ -85,6 +85,7 @@ def test_block_maxima_stay_float32_when_loading_into_bf16_weights() -> None:
     fresh = osd.SubspaceOptimizer([weight], lr=1e-3, optim_bits=8, min_8bit_size=0)
     fresh.load_state_dict(opt.state_dict())
     assert fresh.state[weight]["exp_avg:absmax"].dtype == torch.float32
+    assert fresh.state[weight]["exp_avg:codes"].dtype == torch.uint8 and fresh.state[weight]["exp_avg:shape"].dtype == torch.int64
     assert torch.equal(fresh.state[weight]["exp_avg:absmax"], opt.state[weight]["exp_avg:absmax"])
 
 
