@@ -18,6 +18,22 @@ from tests.helpers import tiny_llama
 pytest.importorskip("torchao", reason="8-bit states use torchao's quantisation kernels")
 
 
+@torch.no_grad()
+def held_out_loss(model: torch.nn.Module, held_out: torch.Tensor) -> float:
+    return model(input_ids=held_out, labels=held_out).loss.item()
+
+
+def train_then_evaluate(model: torch.nn.Module, opt: torch.optim.Optimizer, train: torch.Tensor, held_out: torch.Tensor, steps: int) -> float:
+    """``steps`` seeded steps on batches of 4 training rows; then the held-out loss."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        batch = train[torch.randint(len(train), (4,), generator=generator)]
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return held_out_loss(model, held_out)
+
+
 @pytest.mark.parametrize("signed", [True, False])
 def test_quantisation_error_is_bounded_per_block(signed: bool) -> None:
     x = torch.randn(37, 300, generator=torch.Generator().manual_seed(0))  # 11100: not a multiple of the block
@@ -59,16 +75,8 @@ def test_eight_bit_states_train_like_float32(name: str, c4_tokens: torch.Tensor)
         lr = 2e-3 if rule == "lion" else 1e-2
         eight_bit = {"optim_bits": 8, "min_8bit_size": 0} if bits == 8 else {}
         opt = osd.create_optimizer(model, name, lr=lr, torch_adamw=False, target_modules=("self_attn", "mlp"), **subspace, **eight_bit)
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            initial = model(input_ids=held_out, labels=held_out).loss.item()
-        for _ in range(20):
-            batch = train[torch.randint(len(train), (4,), generator=generator)]
-            model(input_ids=batch, labels=batch).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            losses[bits] = model(input_ids=held_out, labels=held_out).loss.item()
+        initial = held_out_loss(model, held_out)
+        losses[bits] = train_then_evaluate(model, opt, train, held_out, steps=20)
         if bits == 8:
             embedding = model.get_input_embeddings().weight
             assert "exp_avg:codes" not in opt.state[embedding], "embedding states must stay float32"
@@ -110,13 +118,5 @@ def test_eight_bit_adamw_matches_torchao_adamw8bit(c4_tokens: torch.Tensor) -> N
         lambda params: AdamW8bit(params, lr=1e-2, weight_decay=0.0),
     ):
         model = tiny_llama()
-        opt = make(model.parameters())
-        generator = torch.Generator().manual_seed(0)
-        for _ in range(10):
-            batch = train[torch.randint(len(train), (4,), generator=generator)]
-            model(input_ids=batch, labels=batch).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            losses.append(model(input_ids=held_out, labels=held_out).loss.item())
+        losses.append(train_then_evaluate(model, make(model.parameters()), train, held_out, steps=10))
     assert losses[0] == pytest.approx(losses[1], abs=0.02), losses
