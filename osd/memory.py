@@ -19,6 +19,8 @@ from collections.abc import Iterable
 
 import torch
 
+from osd.optimizer import SubspaceOptimizer
+
 __all__ = ["PARTS", "activation_bytes", "estimate_memory", "state_bytes"]
 
 PARTS = ("weights", "gradients", "moments", "projection", "proj_optimizer", "activations")
@@ -99,8 +101,6 @@ def estimate_memory(
 
 
 def _materialize(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> None:
-    from osd.optimizer import SubspaceOptimizer
-
     for p in params:
         p.grad = torch.empty_like(p)
         if isinstance(optimizer, SubspaceOptimizer):
