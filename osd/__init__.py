@@ -5,6 +5,10 @@ with AdamW, Lion, Adafactor or SGD-momentum inside the subspace, as ``torch.opti
 optimizers. See the README for usage.
 """
 
+from osd import quiet
+
+quiet.install()  # before anything imports transformers / torchao
+
 from osd.layerwise import LayerwiseUpdates
 from osd.memory import state_bytes
 from osd.optimizer import SubspaceOptimizer

@@ -1,79 +1,101 @@
 """Our optimizers in the Hugging Face ``Trainer``, for any ``transformers`` model.
 
-    from transformers import Trainer, TrainingArguments
-    from osd.hf import create_trainer_optimizer
+The shortest route: the Trainer builds the optimizer itself (so it also works where it
+refuses a ready-made one, e.g. under FSDP), from ``optimizer_cls_and_kwargs``:
 
-    args = TrainingArguments("out", learning_rate=1e-3, weight_decay=0.1, optim_target_modules=["attn", "mlp"])
-    optimizer = create_trainer_optimizer(model, args, "osd_adamw", rank=128, scale=0.25)
-    trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None))
-    trainer.train()  # the Trainer builds its lr schedule (args.lr_scheduler_type, warmup) on this optimizer
+    from transformers import Trainer, TrainingArguments
+    from osd.hf import optimizer_cls_and_kwargs
+
+    args = TrainingArguments("out", learning_rate=1e-2, optim_target_modules="blocks", optim_args="rank=128")
+    trainer = Trainer(model=model, args=args, train_dataset=data,
+                      optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args, "osd_adamw"))
+    trainer.train()  # the Trainer adds its lr schedule (args.lr_scheduler_type, warmup) to this optimizer
+
+``TrainingArguments(optim="osd_adamw")`` cannot work: ``optim`` is a closed list of
+transformers' own names. The ready-made route, ``optimizers=(create_trainer_optimizer(model,
+args, ...), None)``, still works without FSDP.
 
 The Trainer saves ``optimizer.state_dict()`` with its checkpoints and reloads it with
 ``torch.load(weights_only=True)``; our optimizer state holds only tensors, ints and bools,
 so ``trainer.train(resume_from_checkpoint=...)`` restores ``P`` and the moments exactly.
+
+No layer-wise mode here: :class:`osd.layerwise.LayerwiseUpdates` must know, before each
+backward, whether it is the step's last micro-batch, and the Trainer tells no callback that
+before the backward; it also clips gradients after the backward, when a layer-wise run has
+already freed them. transformers' own ``galore_adamw_layerwise`` therefore refuses gradient
+accumulation and DDP. ``osd train --layerwise`` does it right.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
+import logging
 from typing import Any
 
 import torch
 from torch import nn
 
 from osd.optimizer import SubspaceOptimizer
-from osd.param_groups import param_groups
+from osd.param_groups import Targets, describe, param_groups
 from osd.presets import METHODS, optimizer_names
 
-__all__ = ["create_trainer_optimizer", "target_module_names"]
+__all__ = ["TrainerOptimizer", "create_trainer_optimizer", "optimizer_cls_and_kwargs", "parse_optim_args"]
 
-DEFAULT_TARGETS = ("attn", "mlp")
+logger = logging.getLogger(__name__)
 
 
-def target_module_names(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
-    """Qualified names of the ``nn.Linear`` modules that ``optim_target_modules`` selects.
+def parse_optim_args(text: str | None) -> dict[str, Any]:
+    """``TrainingArguments.optim_args`` (``"rank=128, scale=0.25, proj_type=std"``) as keywords:
+    each value an int, a float, ``True``/``False``/``None`` where it reads as one, else a string."""
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"optim_args: expected key=value, got {item!r}")
+        value = value.strip()
+        for kind in (int, float):
+            try:
+                kwargs[key.strip()] = kind(value)
+                break
+            except ValueError:
+                continue
+        else:
+            kwargs[key.strip()] = {"True": True, "False": False, "None": None}.get(value, value)
+    return kwargs
 
-    As in ``TrainingArguments.optim_target_modules``: a string is a regular expression that
-    must match a whole module name; a sequence of strings selects names containing any of them.
-    Raises ``ValueError`` if nothing matches.
-    """
-    linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if isinstance(targets, str):
-        chosen = [name for name in linear if re.fullmatch(targets, name)]
-    else:
-        chosen = [name for name in linear if any(t in name for t in targets)]
-    if not chosen:
-        raise ValueError(f"optim_target_modules {targets!r} selects no nn.Linear module of {type(model).__name__}")
-    return chosen
+
+def _check_subspace(name: str) -> None:
+    if name not in optimizer_names() or "_" not in name:
+        raise ValueError(f"{name!r} is not a subspace optimizer; use one of {[n for n in optimizer_names() if '_' in n]}")
 
 
 def create_trainer_optimizer(
     model: nn.Module,
     args: Any,
     name: str = "osd_adamw",
-    rank: int = 128,
-    target_modules: str | Sequence[str] | None = None,
+    rank: int | None = None,
+    target_modules: Targets | None = None,
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
     """Optimizer ``name`` (``osd_adamw``, ``galore_adamw``, ``golore_lion`` ...) for ``model``,
     configured from ``args`` (a ``transformers.TrainingArguments``).
 
-    - projected weights: the ``nn.Linear`` modules selected by ``target_modules``, else
-      ``args.optim_target_modules``, else names containing ``attn`` or ``mlp``
-      (:func:`target_module_names`), at ``rank``; everything else trains full-rank;
+    - projected weights: those ``target_modules`` selects, else ``args.optim_target_modules``,
+      else ``"blocks"`` (every linear map but the embeddings and the head; see
+      :mod:`osd.param_groups`), at ``rank`` (default: a quarter of each weight's smaller side);
+      everything else trains full-rank;
     - ``lr = args.learning_rate``; ``args.weight_decay`` (decoupled) on matrices only,
       none on vectors (biases, norm gains), as the Trainer does;
     - AdamW rules take ``betas = (args.adam_beta1, args.adam_beta2)`` and ``eps = args.adam_epsilon``;
-    - ``kwargs``: any other hyperparameter (``scale``, ``update_proj_gap``, ``alpha`` ...),
-      overriding the above.
+    - ``args.optim_args`` (``"rank=128, scale=0.25"``), then ``kwargs``: any other
+      hyperparameter (``scale``, ``update_proj_gap``, ``alpha`` ...), overriding the above.
     """
+    _check_subspace(name)
     method, _, rule = name.rpartition("_")
-    if name not in optimizer_names() or not method:
-        raise ValueError(f"{name!r} is not a subspace optimizer; use one of {[n for n in optimizer_names() if '_' in n]}")
-    targets = target_modules or getattr(args, "optim_target_modules", None) or DEFAULT_TARGETS
-    groups = param_groups(model, rank=rank, target_modules=target_module_names(model, targets))
-    full_rank = groups.pop()["params"] if len(groups) == 2 else []
+    kwargs = {**parse_optim_args(getattr(args, "optim_args", None)), **kwargs}
+    rank = kwargs.pop("rank", rank)
+    targets = target_modules or getattr(args, "optim_target_modules", None) or "blocks"
+    groups = param_groups(model, rank=rank, target_modules=targets)
+    full_rank = groups.pop()["params"] if "rank" not in groups[-1] else []
     groups += [
         {"params": [(n, p) for n, p in full_rank if p.dim() >= 2]},
         {"params": [(n, p) for n, p in full_rank if p.dim() < 2], "weight_decay": 0.0},
@@ -82,4 +104,23 @@ def create_trainer_optimizer(
     if rule == "adamw":
         hparams.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     groups = [group for group in groups if group["params"]]
-    return SubspaceOptimizer(groups, args.learning_rate, rule=rule, projector=METHODS[method], **{**hparams, **kwargs})
+    optimizer = SubspaceOptimizer(groups, args.learning_rate, rule=rule, projector=METHODS[method], **{**hparams, **kwargs})
+    logger.info("%s: %s", name, describe(optimizer.param_groups))
+    return optimizer
+
+
+class TrainerOptimizer:
+    """The optimizer factory the Trainer calls as ``TrainerOptimizer()(model, **kwargs)``
+    (transformers' protocol for optimizers that need the model); see :func:`optimizer_cls_and_kwargs`."""
+
+    def __call__(self, model: nn.Module, **kwargs: Any) -> torch.optim.Optimizer:
+        return create_trainer_optimizer(model, **kwargs)
+
+
+def optimizer_cls_and_kwargs(
+    args: Any, name: str = "osd_adamw", rank: int | None = None, target_modules: Targets | None = None, **kwargs: Any
+) -> tuple[type, dict[str, Any]]:
+    """``Trainer(optimizer_cls_and_kwargs=...)`` for optimizer ``name``: the Trainer then builds
+    :func:`create_trainer_optimizer` ``(model, args, name, rank, target_modules, **kwargs)`` itself."""
+    _check_subspace(name)
+    return TrainerOptimizer, {"args": args, "name": name, "rank": rank, "target_modules": target_modules, **kwargs}

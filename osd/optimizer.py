@@ -17,6 +17,7 @@ the identity), so the full-rank path is exactly the inner optimizer itself.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import warnings
 from typing import Any, Callable, Iterable, Iterator
 
@@ -27,7 +28,7 @@ from osd import quantization, sharded
 from osd.projectors import PROJECTORS, get_projector
 from osd.rules import PROJ_RULES, RULES, get_rule
 
-__all__ = ["SubspaceOptimizer", "PROJ_TYPES", "NONFINITE_POLICIES"]
+__all__ = ["SubspaceOptimizer", "PROJ_TYPES", "NONFINITE_POLICIES", "DEFAULT_LR"]
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 NONFINITE_POLICIES = ("raise", "skip")
@@ -37,7 +38,7 @@ NONFINITE_POLICIES = ("raise", "skip")
 SUBSPACE_DEFAULTS: dict[str, Any] = {
     "rank": None,
     "update_proj_gap": 200,
-    "scale": 1.0,
+    "scale": 0.25,
     "proj_type": "std",
     "projector": "online_pca",
     "alpha": 5.0,
@@ -53,6 +54,44 @@ SUBSPACE_DEFAULTS: dict[str, Any] = {
     "min_8bit_size": 4096,
     "max_grad_norm": None,
 }
+
+
+# Peak learning rate per inner rule when none is given (see the README's defaults table):
+# AdamW / Adafactor 1e-2 with scale 0.25 is GaLore's LLaMA-on-C4 recipe; Lion takes a
+# 3-10x smaller lr than AdamW (Chen et al., 2023); SGD-momentum a gradient-sized one.
+DEFAULT_LR: dict[str, float] = {"adamw": 1e-2, "adafactor": 1e-2, "lion": 2e-3, "sgd": 0.1}
+
+# torch.optim's implementation switches: the value each may take here, and why others cannot.
+TORCH_SWITCHES: dict[str, tuple[tuple[Any, ...], str]] = {
+    "foreach": ((None, False, True), ""),
+    "fused": ((None, False), "there is no fused kernel of a subspace step; leave fused unset"),
+    "maximize": ((False,), "negate the loss (or the gradients) instead"),
+    "differentiable": ((False,), "the step is not differentiable (SVD refreshes, online-PCA state)"),
+    "capturable": ((False,), "the step is not CUDA-graph capturable (data-dependent SVD refreshes)"),
+}
+
+
+def _plain(value: Any) -> Any:
+    """NumPy (and other ``numbers``) scalars as Python ints / floats, inside tuples and lists too,
+    so that ``lr=np.float32(1e-3)`` or ``betas=np.array([0.9, 0.99])`` mean what they say."""
+    if isinstance(value, bool) or value is None or isinstance(value, (str, Tensor)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (tuple, list)) or type(value).__name__ == "ndarray":
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _torch_switches(kwargs: dict[str, Any]) -> None:
+    """Pop ``torch.optim``'s implementation switches from ``kwargs``; raise on a value with no meaning here."""
+    for key, (allowed, why) in TORCH_SWITCHES.items():
+        if key in kwargs:
+            value = kwargs.pop(key)
+            if value not in allowed:
+                raise ValueError(f"{key}={value!r} is not supported by SubspaceOptimizer: {why}")
 
 
 def _is_int(value: Any) -> bool:
@@ -79,14 +118,16 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         params: parameters or param groups. Groups with ``rank`` set are projected; the
             others train full-rank (the ``galore_torch`` convention). Named parameters
             (``model.named_parameters()``) are accepted and used in error messages.
-        lr: learning rate of the weights (``lr_W``).
+        lr: learning rate of the weights (``lr_W``); default :data:`DEFAULT_LR` of the rule
+            (AdamW: 1e-2). NumPy scalars are accepted wherever a number is.
         rule: inner update rule: ``"adamw"``, ``"lion"``, ``"adafactor"`` or ``"sgd"``.
         projector: ``"online_pca"`` (OSD), ``"svd"`` (GaLore), ``"random"`` (GoLore) or
             ``"identity"`` (no projection, for checking the one code path against torch).
         rank: default rank for every group (``None``: full-rank unless a group sets it).
         update_proj_gap: steps between SVD / random refreshes (``T``); also enters the
             released-code learning rate of OSD's ``P``.
-        scale: factor on the projected-back update (GaLore's ``alpha``), projected params only.
+        scale: factor on the projected-back update (GaLore's ``alpha``), projected params
+            only; default 0.25, the GaLore and OSD papers' LLaMA runs.
         proj_type: side the projector acts on: ``"std"`` (smaller side), ``"reverse_std"``,
             ``"left"``, ``"right"``, as in ``galore_torch``.
         alpha: OSD, ``lr_P = alpha * lr_W(t)`` (paper: 5).
@@ -109,6 +150,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         nonfinite: a NaN or Inf in any gradient ``"raise"``s ``FloatingPointError`` naming
             the parameter (default), or ``"skip"``s the whole step, leaving weights and all
             state untouched and counting it in ``skipped_steps``.
+        foreach, fused, maximize, differentiable, capturable: ``torch.optim``'s switches,
+            accepted where they change nothing here (``foreach`` any value, the others
+            ``None``/``False``); any other value raises ``ValueError`` saying why.
         **rule_hparams: the inner rule's hyperparameters (e.g. ``betas``, ``eps``,
             ``weight_decay`` for AdamW; ``sign_space`` for Lion).
     """
@@ -116,7 +160,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],
-        lr: float = 1e-3,
+        lr: float | None = None,
         *,
         rule: str = "adamw",
         projector: str = "online_pca",
@@ -125,6 +169,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     ) -> None:
         inner = get_rule(rule)
         get_projector(projector)
+        _torch_switches(kwargs)  # foreach (a speed hint: accepted), fused, maximize, ...: refused unless off
+        lr = DEFAULT_LR[rule] if lr is None else _plain(lr)
+        kwargs = {key: _plain(value) for key, value in kwargs.items()}
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         unknown = set(kwargs) - set(SUBSPACE_DEFAULTS) - set(inner.defaults)
@@ -137,7 +184,21 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self._group_of: dict[int, dict[str, Any]] = {}
+        self._fallbacks: list[str] | None = []  # collected while __init__ adds the groups
         super().__init__(params, defaults)
+        fallbacks, self._fallbacks = self._fallbacks, None
+        self._warn_full_rank(fallbacks)
+
+    @staticmethod
+    def _warn_full_rank(names: list[str]) -> None:
+        """One warning for all parameters in rank groups that are not 2-D (biases, norm gains ...)."""
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            warnings.warn(
+                f"{len(names)} parameter(s) in groups with a rank are not 2-D ({shown}); they train full-rank. "
+                "Pass osd.param_groups(model) to project only the weight matrices.",
+                stacklevel=4,
+            )
 
     # ----------------------------------------------------------------------------------
     # Param groups
@@ -145,7 +206,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, as ``torch.optim.Optimizer`` does, and check its hyperparameters."""
-        super().add_param_group(param_group)
+        param_group = dict(param_group)
+        _torch_switches(param_group)
+        super().add_param_group({key: value if key == "params" else _plain(value) for key, value in param_group.items()})
         group = self.param_groups[-1]
         try:
             self._validate_group(group)
@@ -156,13 +219,12 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             if p.is_complex():
                 self.param_groups.pop()
                 raise ValueError(f"complex parameter {self._param_name(group, p)} is not supported")
-            if group["rank"] is not None and p.dim() != 2:
-                # Documented fallback: vectors and >2-D tensors in a rank group train full-rank.
-                warnings.warn(
-                    f"parameter {self._param_name(group, p)} of shape {tuple(p.shape)} is in a group with rank="
-                    f"{group['rank']} but is not 2-D; it is trained full-rank",
-                    stacklevel=3,
-                )
+        # Documented fallback: vectors and >2-D tensors in a rank group train full-rank.
+        fallbacks = [self._param_name(group, p) for p in group["params"] if group["rank"] is not None and p.dim() != 2]
+        if self._fallbacks is None:
+            self._warn_full_rank(fallbacks)
+        else:
+            self._fallbacks += fallbacks
         self._group_of.update((id(p), group) for p in group["params"])
 
     @staticmethod

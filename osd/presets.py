@@ -13,8 +13,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from osd.param_groups import param_groups
-from osd.optimizer import SUBSPACE_DEFAULTS, SubspaceOptimizer
+from osd.param_groups import Targets, param_groups
+from osd.optimizer import DEFAULT_LR, SUBSPACE_DEFAULTS, SubspaceOptimizer
 from osd.rules import RULES
 
 __all__ = [
@@ -39,13 +39,13 @@ METHODS: dict[str, str] = {"osd": "online_pca", "galore": "svd", "golore": "rand
 def _named(class_name: str, method: str, rule: str) -> type[SubspaceOptimizer]:
     projector = METHODS[method]
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, **kwargs: Any) -> None:
+    def __init__(self, params: Iterable[Any], lr: float | None = None, **kwargs: Any) -> None:
         SubspaceOptimizer.__init__(self, params, lr, rule=rule, projector=projector, **kwargs)
 
     doc = (
         f"{class_name}: the ``{rule}`` rule in a subspace moved by the ``{projector}`` projector.\n\n"
         f"Same as ``SubspaceOptimizer(params, lr, rule={rule!r}, projector={projector!r}, **kwargs)``; "
-        "param groups with a ``rank`` are projected, the others train full-rank."
+        f"param groups with a ``rank`` are projected, the others train full-rank. Default lr: {DEFAULT_LR[rule]}."
     )
     return type(class_name, (SubspaceOptimizer,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
@@ -70,17 +70,19 @@ def optimizer_names() -> list[str]:
 def create_optimizer(
     model: nn.Module,
     name: str,
-    lr: float,
+    lr: float | None = None,
     rank: int | None = None,
-    target_modules: Iterable[str] = ("attn", "mlp"),
+    target_modules: Targets = "blocks",
     torch_adamw: bool = True,
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
     """Build optimizer ``name`` for ``model``.
 
-    Subspace optimizers (``osd_adamw``, ``galore_lion``, ...) project the 2-D Linear
-    weights of the modules matching ``target_modules`` at ``rank`` (see
-    :func:`osd.param_groups`); everything else trains full-rank. ``kwargs`` are the
+    Subspace optimizers (``osd_adamw``, ``galore_lion``, ...) project the weights that
+    ``target_modules`` selects (default: every linear map inside the blocks, not the
+    embeddings or the head) at ``rank`` (default: a quarter of each weight's smaller side, the
+    papers' ratio); see :mod:`osd.param_groups`. Everything else trains full-rank. ``lr``
+    defaults to the rule's (:data:`osd.optimizer.DEFAULT_LR`: AdamW 1e-2). ``kwargs`` are the
     optimizer's hyperparameters (``weight_decay``, ``update_proj_gap``, ``scale``,
     ``optim_bits``, ...). ``adamw`` is ``torch.optim.AdamW`` unless ``torch_adamw=False``
     or a :class:`SubspaceOptimizer`-only option (8-bit states, per-parameter clipping) is
@@ -91,11 +93,12 @@ def create_optimizer(
     rarely see a gradient get second moments too small for their block's 8-bit range,
     and divide by ~0 (a tiny LLaMA on C4 diverged here with 8-bit embedding states).
 
-    Example: ``create_optimizer(model, "osd_adamw", lr=1e-3, rank=128, scale=0.25)``.
+    Example: ``create_optimizer(model, "osd_adamw", rank=128)``.
     """
     method, _, rule = name.rpartition("_")
     if name not in optimizer_names():
         raise ValueError(f"unknown optimizer {name!r}; known: {optimizer_names()}")
+    lr = DEFAULT_LR[rule] if lr is None else lr
     if not method:
         if rank is not None:
             raise ValueError(f"optimizer {name!r} is full-rank; rank={rank} applies only to osd_/galore_/golore_ optimizers")
@@ -105,8 +108,6 @@ def create_optimizer(
             return torch.optim.AdamW(model.parameters(), lr=lr, **kwargs)
         groups = [{"params": list(model.named_parameters())}]
         return SubspaceOptimizer(_embeddings_apart(model, groups, kwargs), lr, rule=rule, projector="identity", **kwargs)
-    if rank is None:
-        raise ValueError(f"optimizer {name!r} projects gradients and needs a rank")
     groups = param_groups(model, rank=rank, target_modules=target_modules)
     return SubspaceOptimizer(_embeddings_apart(model, groups, kwargs), lr, rule=rule, projector=METHODS[method], **kwargs)
 

@@ -67,8 +67,10 @@ def test_rule_specific_errors() -> None:
         osd.OSDAdafactor([matrix()], betas=(0.9, 0.99))
     with pytest.raises(ValueError, match="unknown optimizer 'osd_adam'"):
         osd.create_optimizer(torch.nn.Linear(4, 4), "osd_adam", lr=1e-3, rank=2)
-    with pytest.raises(ValueError, match="needs a rank"):
-        osd.create_optimizer(torch.nn.Linear(4, 4), "galore_adamw", lr=1e-3)
+    with pytest.raises(ValueError, match=r"fused=True is not supported.*no fused kernel"):
+        osd.OSDAdamW([matrix()], fused=True)
+    with pytest.raises(ValueError, match=r"maximize=True is not supported.*negate the loss"):
+        osd.SubspaceOptimizer([{"params": [matrix()], "rank": 2, "maximize": True}])
 
 
 def test_sparse_and_complex_gradients_are_refused() -> None:
@@ -83,11 +85,36 @@ def test_sparse_and_complex_gradients_are_refused() -> None:
 
 def test_non_2d_parameter_in_rank_group_falls_back_to_full_rank_with_a_warning() -> None:
     vector, conv = torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(4, 3, 2, 2))
-    with pytest.warns(UserWarning, match=r"not 2-D; it is trained full-rank"):
-        opt = osd.OSDAdamW([{"params": [vector, conv], "rank": 2}], lr=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = osd.OSDAdamW([{"params": [vector, conv], "rank": 2}, {"params": [torch.nn.Parameter(torch.randn(3))], "rank": 2}], lr=1e-3)
+    assert len(caught) == 1, [str(w.message) for w in caught]  # one summary, not one per bias or norm
+    assert "3 parameter(s) in groups with a rank are not 2-D" in str(caught[0].message)
+    assert "they train full-rank" in str(caught[0].message)
     vector.grad, conv.grad = torch.randn(6), torch.randn(4, 3, 2, 2)
     opt.step()
     assert opt.state[conv]["exp_avg"].shape == conv.shape and "proj" not in opt.state[conv]
+
+
+def test_torch_optim_conventions() -> None:
+    """NumPy scalars are numbers; torch.optim's switches are accepted where they mean nothing here."""
+    import numpy as np
+
+    a, b = matrix(), matrix()
+    ours = osd.OSDAdamW([{"params": [a], "rank": 2}], lr=np.float32(1e-3), betas=(np.float64(0.9), np.float32(0.99)),
+                        weight_decay=np.float32(0.1), foreach=True, fused=None, maximize=False, differentiable=False, capturable=False)
+    f32 = lambda x: float(np.float32(x))  # noqa: E731 (the value a float32 scalar holds)
+    ref = osd.OSDAdamW([{"params": [b], "rank": 2}], lr=f32(1e-3), betas=(0.9, f32(0.99)), weight_decay=f32(0.1))
+    assert type(ours.param_groups[0]["lr"]) is float and ours.param_groups[0]["betas"] == ref.param_groups[0]["betas"]
+    for p, opt in ((a, ours), (b, ref)):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    assert torch.equal(a, b)
+    ours.add_param_group({"params": [matrix()], "rank": np.int64(2), "foreach": False})
+    assert type(ours.param_groups[-1]["rank"]) is int
+    for switch in ("differentiable", "capturable"):
+        with pytest.raises(ValueError, match=f"{switch}=True is not supported"):
+            osd.OSDAdamW([matrix()], **{switch: True})
 
 
 def test_param_names_appear_in_errors() -> None:
