@@ -1,4 +1,4 @@
-"""The ``osd`` command: ``osd train ...``, ``osd memory ...``, ``osd bench NAME ...`` and ``osd plot RUN_DIR ...``."""
+"""The ``osd`` command: ``osd train``, ``memory``, ``bench NAME``, ``plot RUN_DIR ...``, ``export RUN_DIR OUT_DIR``, ``generate MODEL``."""
 
 from __future__ import annotations
 
@@ -6,12 +6,17 @@ import argparse
 import importlib
 import sys
 
-from osd import memory_report
+from osd import export, generate, memory_report
 from osd import train as train_module
 from osd.bench import BENCHMARKS
 from osd.config import build_parser
 
 __all__ = ["main"]
+
+
+def _plain(text: str) -> str:
+    """A docstring line for ``--help``: without reST literal markers."""
+    return text.replace("``", "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,22 +28,30 @@ def main(argv: list[str] | None = None) -> int:
     plot = commands.add_parser("plot", help="draw loss / perplexity curves of runs into one PNG")
     plot.add_argument("run_dirs", nargs="+", help="osd train output directories")
     plot.add_argument("--output", "-o", default="curves.png", help="PNG to write (default: curves.png)")
+    plot.add_argument("--smoothing", type=float, default=None, help="EMA weight of the training loss, 0 to 0.99 (default: 1 - 50 / steps)")
+    export.build_parser(commands.add_parser("export", help="write a run's model and tokenizer in Hugging Face format (from_pretrained)"))
+    generate.build_parser(commands.add_parser("generate", help="sample a continuation of a prompt from a run or an exported model"))
     bench = commands.add_parser("bench", help="benchmarks: projection, step, convergence, counterexample (JSON + Markdown)")
     benchmarks = bench.add_subparsers(dest="benchmark", required=True)
     modules = {name: importlib.import_module(f"osd.bench.{name}") for name in BENCHMARKS}
     for name, module in modules.items():
-        module.build_parser(benchmarks.add_parser(name, help=module.__doc__.split("\n\n")[0].split(": ", 1)[-1]))
+        sub = module.build_parser(benchmarks.add_parser(name, help=_plain(module.__doc__.split("\n\n")[0].split(": ", 1)[-1])))
+        sub.description = _plain(sub.description or "")
     args = parser.parse_args(argv)
     if args.command == "train":
         return train_module.run(args)
     if args.command == "memory":
         return memory_report.run(args)
+    if args.command == "export":
+        return export.run(args)
+    if args.command == "generate":
+        return generate.run(args)
     if args.command == "bench":
         return modules[args.benchmark].run(args, argv[2:])
     from osd.plot import plot_runs
 
     try:
-        print(plot_runs(args.run_dirs, args.output))
+        print(f"wrote {plot_runs(args.run_dirs, args.output, args.smoothing)}")
     except FileNotFoundError as error:
         print(f"osd plot: error: {error}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from osd.models import PRESETS
+from osd.optimizer import DEFAULT_LR
 from osd.presets import optimizer_names
 
 __all__ = ["ConfigError", "TrainConfig", "build_parser", "config_from_args"]
@@ -38,10 +39,11 @@ class TrainConfig:
     model_config: str | None = _help("JSON file of LlamaConfig fields (overrides --model)", default=None)
     # optimizer
     optimizer: str = _help("adamw, osd_adamw, galore_adamw, golore_adamw, osd_lion, ... (osd.optimizer_names())", default="osd_adamw")
-    lr: float = _help("peak learning rate", default=1e-3)
-    rank: int = _help("rank of the projected weights (subspace optimizers)", default=32)
+    lr: float | None = _help(
+        "peak learning rate (default: by inner rule, " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + "; README: Defaults)", default=None)
+    rank: int | None = _help("rank of the projected weights (default: a quarter of each weight's smaller side, the papers' ratio: 60m -> 128)", default=None)
     update_proj_gap: int = _help("steps between SVD / random refreshes (T)", default=200)
-    scale: float = _help("factor on the projected-back update", default=0.25)
+    scale: float = _help("factor on the projected-back update (GaLore / OSD papers)", default=0.25)
     alpha: float = _help("OSD: lr of P as a multiple of lr", default=5.0)
     ortho_reg: float = _help("OSD: lambda of the orthonormality term", default=0.1)
     proj_optimizer: str = _help("OSD: optimizer of P (adam, adamw, lion, sgd, adafactor)", default="adam")
@@ -76,7 +78,10 @@ class TrainConfig:
     resume: bool = _help("continue from out_dir/checkpoint.pt", default=False)
     stop_at_step: int | None = _help("stop (with a checkpoint) after this step, as if interrupted", default=None)
     device: str = _help("'auto', 'cpu' or 'cuda'", default="auto")
-    progress: bool = _help("show a tqdm progress bar", default=True)
+    progress: bool = _help("a progress bar when stderr is a terminal; else (or --no-progress) plain log lines", default=True)
+    log_interval: int = _help("print a log line every N steps when there is no progress bar (0: about 20 lines per run)", default=0)
+    quiet: bool = _help("print nothing but errors and the final result (metrics.jsonl is still written)", default=False)
+    tensorboard: bool = _help("also write TensorBoard scalars to out_dir/tensorboard (needs: pip install tensorboard)", default=False)
     # distributed (under torchrun)
     fsdp: bool = _help("under torchrun: shard weights, gradients and full-rank optimizer states with FSDP2 (default: DDP)", default=False)
     spread_svd: bool = _help("under torchrun: compute each due SVD refresh of P (GaLore, GoLore) on one rank and broadcast it", default=True)
@@ -91,11 +96,14 @@ class TrainConfig:
             raise ConfigError(f"unknown model preset {self.model!r}; known presets: {', '.join(PRESETS)}")
         if self.optimizer not in optimizer_names():
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(optimizer_names())}")
-        positive = ["lr", "rank", "update_proj_gap", "scale", "alpha", "steps", "batch_size", "seq_len", "eval_interval", "eval_batches"]
+        positive = ["update_proj_gap", "scale", "alpha", "steps", "batch_size", "seq_len", "eval_interval", "eval_batches"]
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        for name in ["weight_decay", "grad_clip", "ortho_reg", "save_interval", "val_docs"]:
+        for name in ["lr", "rank"]:
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
+        for name in ["weight_decay", "grad_clip", "ortho_reg", "save_interval", "val_docs", "log_interval"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -108,6 +116,11 @@ class TrainConfig:
             raise ConfigError(f"--optim-bits must be 8 or 32, got {self.optim_bits}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+    @property
+    def peak_lr(self) -> float:
+        """The peak learning rate: as set, or the inner rule's default (:data:`osd.optimizer.DEFAULT_LR`)."""
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer.rpartition("_")[2]]
 
     @property
     def total_batch(self) -> int:
@@ -140,7 +153,7 @@ class TrainConfig:
 
     def to_json(self) -> str:
         """The resolved config (derived values included) as JSON."""
-        derived = {"total_steps": self.total_steps, "warmup": self.warmup, "accumulation": self.accumulation, "tokenizer_spec": self.tokenizer_spec}
+        derived = {"peak_lr": self.peak_lr, "total_steps": self.total_steps, "warmup": self.warmup, "accumulation": self.accumulation, "tokenizer_spec": self.tokenizer_spec}
         return json.dumps({**dataclasses.asdict(self), "derived": derived}, indent=2)
 
 
@@ -160,7 +173,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
+            text = f.metadata["help"]
+            parser.add_argument(flag, type=kind, default=f.default, help=text if "default:" in text or f.default is None else f"{text} (default: {f.default})")
     return parser
 
 

@@ -3,8 +3,10 @@
 For one preset, rank and batch it prints (and writes as JSON / Markdown / PNG) the
 estimate of :func:`osd.memory.estimate_memory` for AdamW, 8-bit AdamW, GaLore and OSD, with
 and without layer-wise updates and 8-bit states. ``--measure`` also trains each of them
-for a few steps, each in a fresh process, and reports its measured peak (resident set on
-the CPU, max allocated on a GPU) beside the estimate.
+for a few steps, each in a fresh process, and reports its measured peak beside the
+estimate: on a GPU the max allocated; on the CPU the peak resident set MINUS the process's
+baseline (its resident set once torch, transformers and the data are loaded, before the model
+exists: about 0.5 GB, the same for every row), so that what is compared is what training adds.
 
     osd memory --model 60m --rank 128 --batch-size 1 --seq-len 256
     osd memory --model 1b --rank 512 --dtype bfloat16          # the GaLore paper's Table 2 setting
@@ -65,11 +67,29 @@ def estimate(config: TrainConfig, vocab_size: int, dtype: torch.dtype = torch.fl
     return estimate_memory(model, optimizer, layerwise=config.layerwise, activations=activations)
 
 
+def _baseline_bytes(config: TrainConfig) -> int:
+    """This process's resident set with torch, the model's code, the tokenizer and the data
+    loaded, before any model exists (0 on a GPU, where only tensors are counted)."""
+    if config.device == "cuda":
+        return 0
+    from transformers import LlamaForCausalLM  # noqa: F401 (imported for its memory)
+
+    from osd.data import load_documents, load_tokenizer
+
+    load_tokenizer(config.tokenizer_spec)
+    load_documents(config.data, "train", val_docs=config.val_docs)
+    load_documents(config.val_data or config.data, "validation", val_docs=config.val_docs)
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+
+
 def _train_and_report(config: TrainConfig, limit_bytes: int | None, results: Any) -> None:
     if limit_bytes:
         resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
     try:
-        results.put({"peak": train(config)["peak_memory_bytes"]})
+        baseline = _baseline_bytes(config)
+        peak = train(config)["peak_memory_bytes"]
+        results.put({"peak": peak - baseline, "process_peak": peak, "baseline": baseline})
     except (MemoryError, RuntimeError) as error:
         results.put({"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
 
@@ -93,7 +113,7 @@ def measure(config: TrainConfig, limit_bytes: int | None = None) -> dict[str, An
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The report as a Markdown table, in GB (10^9 bytes)."""
     measured = any("measured" in row for row in rows)
-    header = ["configuration", *PARTS, "total", "weights + states"] + ["measured peak"] * measured
+    header = ["configuration", *PARTS, "total", "weights + states"] + ["measured peak - baseline"] * measured
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         parts = row["estimate"]
@@ -121,9 +141,9 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
     peaks = [(i, row["measured"]["peak"] / GB) for i, row in enumerate(rows) if "peak" in row.get("measured", {})]
     if peaks:
-        ax.scatter(*zip(*peaks, strict=True), marker="_", s=600, color="black", label="measured peak", zorder=3)
+        ax.scatter(*zip(*peaks, strict=True), marker="_", s=600, color="black", label="measured peak - process baseline", zorder=3)
     ax.set_xticks(range(len(rows)), [row["label"].replace(" + ", "\n+ ") for row in rows], fontsize=7)
-    ax.set_ylabel("GB")
+    ax.set_ylabel("GB (10^9 bytes)")
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -179,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
                 model=args.model, optimizer=name, rank=args.rank, layerwise=layerwise, optim_bits=bits,
                 activation_checkpointing=args.activation_checkpointing, batch_size=args.batch_size, seq_len=args.seq_len,
                 steps=args.steps, warmup_steps=1, eval_batches=1, eval_interval=10**9, data=args.data,
-                tokenizer=args.tokenizer, out_dir="", progress=False, device="cpu",
+                tokenizer=args.tokenizer, out_dir="", progress=False, quiet=True, device="cpu",
             )
             for name, layerwise, bits in _variants(args.optimizers)
         ]

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from osd import checkpoint, distributed
 from osd.config import ConfigError, TrainConfig, build_parser, config_from_args
@@ -37,6 +36,7 @@ from osd.layerwise import LayerwiseUpdates
 from osd.memory import state_bytes
 from osd.models import build_model, llama_config
 from osd.presets import create_optimizer
+from osd.run_log import RunLog, banner, log_mode
 from osd.schedule import warmup_cosine
 from osd.spread import spread_refreshes
 
@@ -117,7 +117,7 @@ def build_training_model(config: TrainConfig, vocab_size: int, device: torch.dev
 
 def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, LayerwiseUpdates | None]:
     """The optimizer of ``config`` and, with ``--layerwise``, the hooks that step it in backward."""
-    optimizer = create_optimizer(model, config.optimizer, lr=config.lr, torch_adamw=not config.layerwise, **_subspace_kwargs(config))
+    optimizer = create_optimizer(model, config.optimizer, lr=config.peak_lr, torch_adamw=not config.layerwise, **_subspace_kwargs(config))
     return optimizer, LayerwiseUpdates(optimizer) if config.layerwise else None
 
 
@@ -262,7 +262,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     last_step = min(config.total_steps, config.stop_at_step or config.total_steps)
     record: dict[str, Any] = {}
     state_total: int | None = None
-    bar = tqdm(total=config.total_steps, initial=step, desc=config.optimizer, disable=not (config.progress and parallel.is_main), file=sys.stderr)
+    log = start_log(config, parallel, step, banner(config, distributed.unwrap(model), optimizer, tokenizer.vocab_size, parallel.world_size))
     with metrics_path.open("a") if parallel.is_main else contextlib.nullcontext() as metrics:
         while step < last_step:
             started = time.perf_counter()
@@ -293,12 +293,25 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", **({"val_ppl": f"{record['val_ppl']:.2f}"} if "val_ppl" in record else {}))
-            bar.update()
+            log.step(record)
             if (config.save_interval and step % config.save_interval == 0) or step == last_step:
                 save()
-    bar.close()
+    log.close()
+    log.print(f"wrote {', '.join(str(out_dir / name) for name in ('config.json', 'metrics.jsonl', 'checkpoint.pt'))}"
+              + (f", {out_dir / 'tensorboard'}" if config.tensorboard else ""))
     return record
+
+
+def start_log(config: TrainConfig, parallel: distributed.Parallel, step: int, start_banner: str) -> RunLog:
+    """The run's :class:`osd.run_log.RunLog` (bar, plain lines or nothing), its banner printed."""
+    mode = log_mode(config.progress, config.quiet, parallel.is_main)
+    tensorboard = Path(config.out_dir) / "tensorboard" if config.tensorboard and parallel.is_main else None
+    try:
+        log = RunLog(mode, config.total_steps, step, config.optimizer, config.log_interval, tensorboard)
+    except ImportError as error:
+        raise ConfigError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {error}") from None
+    log.print(start_banner + (f"\nresuming from step {step}" if step else ""))
+    return log
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from osd.bench.results import markdown_table, plot_curves, usage_error, write_results
+from osd.bench.results import markdown_table, missing_shared, plot_curves, usage_error, write_results
 from osd.config import ConfigError, TrainConfig
 from osd.data import DataError
 from osd.plot import read_metrics
@@ -39,7 +39,7 @@ __all__ = ["DEFAULT_CONFIGS", "build_parser", "parse_spec", "run", "run_converge
 # smaller step, as the Lion paper advises against AdamW's.
 DEFAULT_CONFIGS = ("adamw", "galore_adamw", "golore_adamw", "osd_adamw", "galore_lion:lr=0.001", "osd_lion:lr=0.001")
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
-RUN_FIELDS = {"optimizer", "seed", "out_dir", "progress", "resume", "stop_at_step"}  # set per run, not by a spec
+RUN_FIELDS = {"optimizer", "seed", "out_dir", "progress", "quiet", "resume", "stop_at_step"}  # set per run, not by a spec
 
 
 def _value(text: str) -> Any:
@@ -87,7 +87,7 @@ def run_convergence(base: dict[str, Any], specs: Sequence[str], seeds: Sequence[
     for spec in specs:
         name, overrides = parse_spec(spec)
         for seed in seeds:
-            settings = {**base, **overrides, "optimizer": name, "seed": seed, "progress": False}
+            settings = {**base, **overrides, "optimizer": name, "seed": seed, "progress": False, "quiet": True}
             settings["out_dir"] = str(out / "runs" / _run_dir(spec) / f"seed{seed}")
             configs.append((spec, seed, TrainConfig(**settings)))  # checked before any run starts
 
@@ -100,7 +100,7 @@ def run_convergence(base: dict[str, Any], specs: Sequence[str], seeds: Sequence[
         records = read_metrics(config.out_dir)
         runs[spec].append({
             "seed": seed,
-            "lr": config.lr,
+            "lr": config.peak_lr,
             "val_loss": final["val_loss"],
             "val_ppl": final["val_ppl"],
             "tokens": final["tokens"],
@@ -177,6 +177,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "eval_batches": args.eval_batches, "val_docs": args.val_docs,
         "data": str(args.shared / "data" / "c4_train_sample.jsonl"), "tokenizer": str(args.shared / "tokenizers" / "t5_tokenizer.json"),
     }
+    if why := missing_shared(args.shared, "or compare optimizers on your own data with osd train --data FILES --tokenizer T and osd plot"):
+        return usage_error("convergence", why)
     try:
         results = run_convergence(base, args.configs, args.seeds, args.out)
     except (ConfigError, DataError) as error:

@@ -198,7 +198,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     results = run_counterexample(args)
     for rule in args.rules:
         curves = {r["projector"]: (r["runs"][0]["steps"], [run["loss_gap"] for run in r["runs"]]) for r in results.values() if r["rule"] == rule}
-        plot_curves(curves, f"{args.out}/counterexample_{rule}.png", "step", "(f - f*) / (f(X0) - f*)", f"GoLore counterexample, {rule} inner rule, sigma {args.sigma}")
+        plot_curves(curves, f"{args.out}/counterexample_{rule}.png", "step", "loss gap (f - f*) / (f(X0) - f*)", f"GoLore counterexample, {rule} inner rule, sigma {args.sigma}")
     config = dict(vars(args))
     json_path, md_path = write_results(args.out, "counterexample", argv, config, results, report(results, args))
     print(md_path.read_text())

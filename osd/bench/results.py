@@ -104,6 +104,19 @@ def usage_error(benchmark: str, message: str) -> int:
     return 2
 
 
+SHARED_FILES = ("data/c4_train_sample.jsonl", "tokenizers/t5_tokenizer.json")
+
+
+def missing_shared(shared: Path, alternative: str) -> str | None:
+    """Why the real-text benchmarks cannot run on ``shared`` (a message naming ``--shared`` and
+    ``alternative``), or None when it holds :data:`SHARED_FILES`."""
+    missing = [name for name in SHARED_FILES if not (Path(shared) / name).is_file()]
+    if not missing:
+        return None
+    return (f"{', '.join(missing)} not found in {shared}: pass --shared DIR, a folder holding a JSON-lines text sample "
+            f"({SHARED_FILES[0]}, one {{\"text\": ...}} per line) and a tokenizers JSON ({SHARED_FILES[1]}); {alternative}")
+
+
 def command_line(benchmark: str, argv: Sequence[str]) -> str:
     """The command that reproduces a run: ``osd bench <benchmark> <argv>``."""
     return shlex.join(["osd", "bench", benchmark, *argv])
@@ -147,15 +160,23 @@ def plot_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from osd.plot import readable_axes
+
     fig, ax = plt.subplots(figsize=(8, 5))
-    for label, (x, ys) in curves.items():
+    # Curves that coincide (two methods that both stall) stay visible: each its own dash
+    # pattern and markers, spaced so that markers of different curves do not sit on each other.
+    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"), ((0, (1, 2)), "x")]
+    for i, (label, (x, ys)) in enumerate(curves.items()):
         length = min(len(y) for y in ys)
         runs = torch.tensor([list(y[:length]) for y in ys], dtype=torch.float64)
-        (line,) = ax.plot(x[:length], runs.mean(0).tolist(), label=label, linewidth=1.2)
+        dash, marker = styles[i % len(styles)]
+        every = (i * max(1, length // 40), max(1, length // 8))
+        (line,) = ax.plot(x[:length], runs.mean(0).tolist(), label=label, linewidth=1.6, linestyle=dash,
+                          marker=marker, markevery=every, markersize=5, markerfacecolor="none")
         if len(ys) > 1:
-            ax.fill_between(x[:length], runs.min(0).values.tolist(), runs.max(0).values.tolist(), color=line.get_color(), alpha=0.2)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, yscale="log" if log_y else "linear")
-    ax.grid(alpha=0.3)
+            ax.fill_between(x[:length], runs.min(0).values.tolist(), runs.max(0).values.tolist(), color=line.get_color(), alpha=0.15)
+    ax.set(xlabel=xlabel, ylabel=ylabel + (" (log scale)" if log_y else ""), title=title)
+    readable_axes(ax, log_y=log_y)
     ax.legend()
     fig.tight_layout()
     path = Path(path)

@@ -37,6 +37,7 @@ from osd.bench.results import (
     machine_info,
     markdown_table,
     measure,
+    missing_shared,
     summarize,
     usage_error,
     write_results,
@@ -229,6 +230,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     unknown = set(args.throughput_presets) - set(args.presets)
     if unknown:
         return usage_error("step", f"--throughput-presets {sorted(unknown)} are not among --presets {args.presets}")
+    if not args.random_tokens and (why := missing_shared(args.shared, "or run with --random-tokens (timings do not depend on the text)")):
+        return usage_error("step", why)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     total = sum(len(args.optimizers) * (2 if p in args.throughput_presets else 1) for p in args.presets)
