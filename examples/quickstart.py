@@ -27,13 +27,11 @@ from osd.models import build_model, llama_config
 from osd.schedule import warmup_cosine
 from osd.train import evaluate
 
-DEFAULT_LR = {"adamw": 1e-2, "lion": 2e-3, "adafactor": 1e-2, "sgd": 0.1}  # per inner rule
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--optimizer", default="osd_adamw", choices=osd.optimizer_names())
-    parser.add_argument("--rank", type=int, default=32, help="rank of the subspace (osd_/galore_/golore_ only)")
+    parser.add_argument("--rank", type=int, default=None, help="rank of the subspace (default: a quarter of each weight's smaller side)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: by inner rule)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -50,9 +48,9 @@ def main() -> None:
 
     # Model and optimizer: attention and MLP weights train in a rank-`rank` subspace, the rest full-rank.
     model = build_model(llama_config("micro", tokenizer.vocab_size, args.seq_len))
-    method, _, rule = args.optimizer.rpartition("_")
-    lr = args.lr or DEFAULT_LR[rule]
-    optimizer = osd.create_optimizer(model, args.optimizer, lr=lr, **({"rank": args.rank, "update_proj_gap": 50} if method else {}))
+    method = args.optimizer.rpartition("_")[0]
+    optimizer = osd.create_optimizer(model, args.optimizer, lr=args.lr, **({"rank": args.rank, "update_proj_gap": 50} if method else {}))
+    lr = optimizer.param_groups[0]["lr"]
     scheduler = warmup_cosine(optimizer, warmup_steps=args.steps // 10, total_steps=args.steps, min_lr_ratio=0.1)
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {args.optimizer}, lr {lr}")
 

@@ -133,19 +133,23 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows)), 5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(rows)), 5))
     bottoms = [0.0] * len(rows)
     for part in PARTS:
         heights = [row["estimate"][part] / GB for row in rows]
         ax.bar(range(len(rows)), heights, bottom=bottoms, label=part)
         bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    for i, total in enumerate(bottoms):
+        ax.text(i, total, f"{total:.2f}", ha="center", va="bottom", fontsize=8)
     peaks = [(i, row["measured"]["peak"] / GB) for i, row in enumerate(rows) if "peak" in row.get("measured", {})]
     if peaks:
         ax.scatter(*zip(*peaks, strict=True), marker="_", s=600, color="black", label="measured peak - process baseline", zorder=3)
-    ax.set_xticks(range(len(rows)), [row["label"].replace(" + ", "\n+ ") for row in rows], fontsize=7)
+    ax.set_xticks(range(len(rows)), [row["label"].replace(" + ", "\n+ ") for row in rows], fontsize=8)
     ax.set_ylabel("GB (10^9 bytes)")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles[::-1], labels[::-1], fontsize=8)  # top to bottom, as the bars are stacked
+    ax.margins(y=0.08)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
