@@ -41,7 +41,8 @@ def readable_axes(ax, x_unit: str = "", log_y: bool = False) -> None:
         if high > 1e3 * low:  # many decades: 10^k labels are the readable ones
             ax.grid(alpha=0.3, which="major")
             return
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        # under one decade, evenly spaced round numbers (900, 1200, 1500 ...); else 1, 2, 5 x 10^k
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=6) if high < 10 * low else LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_minor_locator(LogLocator(base=10, subs=range(1, 10)))
         plain = ScalarFormatter()
         plain.set_scientific(False)

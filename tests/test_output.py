@@ -93,3 +93,11 @@ def test_real_text_benchmarks_name_shared_and_an_alternative(benchmark: str, tmp
     assert main(["bench", benchmark, "--shared", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--shared DIR" in err and ("--random-tokens" in err if benchmark == "step" else "osd train --data" in err)
+
+
+def test_smoothing_is_a_debiased_moving_average() -> None:
+    from osd.plot import smooth
+
+    assert smooth([3.0] * 5, 0.9) == pytest.approx([3.0] * 5)  # no pull toward 0 at the start
+    assert smooth([0.0, 1.0], 0.5) == pytest.approx([0.0, 0.5 / 0.75])
+    assert smooth([1.0, 2.0, 3.0], 0.0) == [1.0, 2.0, 3.0]

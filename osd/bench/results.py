@@ -170,7 +170,7 @@ def plot_curves(
         length = min(len(y) for y in ys)
         runs = torch.tensor([list(y[:length]) for y in ys], dtype=torch.float64)
         dash, marker = styles[i % len(styles)]
-        every = (i * max(1, length // 40), max(1, length // 8))
+        every = 1 if length <= 20 else (i * max(1, length // 40), max(1, length // 8))
         (line,) = ax.plot(x[:length], runs.mean(0).tolist(), label=label, linewidth=1.6, linestyle=dash,
                           marker=marker, markevery=every, markersize=5, markerfacecolor="none")
         if len(ys) > 1:
