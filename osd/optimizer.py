@@ -208,7 +208,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         """Add a group, as ``torch.optim.Optimizer`` does, and check its hyperparameters."""
         param_group = dict(param_group)
         _torch_switches(param_group)
-        super().add_param_group({key: value if key == "params" else _plain(value) for key, value in param_group.items()})
+        super().add_param_group({key: value if key in ("params", "param_names") else _plain(value) for key, value in param_group.items()})
         group = self.param_groups[-1]
         try:
             self._validate_group(group)
