@@ -22,9 +22,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from osd import quantization, sharded
-from osd.projectors import PROJECTORS, get_projector
+from osd.projectors import PROJECTORS, SVD_METHODS, get_projector
 from osd.rules import PROJ_RULES, RULES, get_rule
 
 __all__ = ["SubspaceOptimizer", "PROJ_TYPES", "NONFINITE_POLICIES"]
@@ -48,6 +49,8 @@ SUBSPACE_DEFAULTS: dict[str, Any] = {
     "max_lr": None,
     "svd_fraction": 0.0,
     "total_steps": None,
+    "svd_method": "svd",
+    "svd_niter": 2,
     "seed": 0,
     "optim_bits": 32,
     "min_8bit_size": 4096,
@@ -98,6 +101,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         max_lr: peak lr for ``proj_lr_rule="released"`` (default: the scheduler's ``initial_lr``).
         svd_fraction, total_steps: GoLore, SVD for the first ``svd_fraction * total_steps``
             steps, random after.
+        svd_method: how every top-``r`` singular basis is computed (OSD's initial ``P``,
+            GaLore's refreshes, GoLore's SVD phase): ``"svd"`` (full SVD, GaLore's, default),
+            ``"eigh"`` (the same subspace from ``eigh(G G^T)``, cheaper) or ``"randomized"``
+            (randomized range finding with ``svd_niter`` power iterations: an approximation,
+            much cheaper on large weights); see :func:`osd.projectors._svd_or_fallback`.
         seed: seed of the random projections (each parameter derives its own).
         optim_bits: 32, or 8 for block-wise 8-bit moments (the inner rule's and ``P``'s
             optimizer's state; see :mod:`osd.quantization`); tensors under
@@ -138,6 +146,16 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._group_of: dict[int, dict[str, Any]] = {}
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """As torch's, plus the defaults of group keys added since a state dict was saved;
+        ``load_state_dict`` replaces the group dicts, so the parameter -> group map is rebuilt."""
+        super().__setstate__(state)
+        self._group_of = {}
+        for group in self.param_groups:
+            for key, value in SUBSPACE_DEFAULTS.items():
+                group.setdefault(key, value)
+            self._group_of.update((id(p), group) for p in group["params"])
 
     # ----------------------------------------------------------------------------------
     # Param groups
@@ -192,6 +210,10 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             raise ValueError(f"optim_bits must be 8 or 32, got {group['optim_bits']!r}")
         if not _is_int(group["min_8bit_size"]) or group["min_8bit_size"] < 0:
             raise ValueError(f"min_8bit_size must be an int >= 0, got {group['min_8bit_size']!r}")
+        if group["svd_method"] not in SVD_METHODS:
+            raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {group['svd_method']!r}")
+        if not _is_int(group["svd_niter"]) or group["svd_niter"] < 0:
+            raise ValueError(f"svd_niter must be an int >= 0, got {group['svd_niter']!r}")
         clip = group["max_grad_norm"]
         if clip is not None and (not isinstance(clip, (int, float)) or isinstance(clip, bool) or not clip > 0.0):
             raise ValueError(f"max_grad_norm must be None or a number > 0, got {clip!r}")
@@ -245,8 +267,14 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 f"non-finite gradient (NaN or Inf) in parameter {self._param_name(group, p)} of shape "
                 f"{tuple(p.shape)}; nothing was updated (pass nonfinite='skip' to skip such steps)"
             )
+        in_torch: dict[int, tuple[dict[str, Any], list[Tensor]]] = {}
         for (group, p), norm in zip(pairs, norms):
-            self._update_param(group, p, p.grad, norm)
+            if self._steps_in_torch(group, p):
+                in_torch.setdefault(id(group), (group, []))[1].append(p)
+            else:
+                self._update_param(group, p, p.grad, norm)
+        for group, params in in_torch.values():
+            self._torch_step(group, params, [p.grad for p in params])
         return loss
 
     # ----------------------------------------------------------------------------------
@@ -315,6 +343,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def _update_param(self, group: dict[str, Any], p: Tensor, grad: Tensor | None, grad_norm: Tensor, projected: Tensor | None = None) -> None:
         """``grad``: the full gradient (``grad_norm`` its norm), or None with ``projected = P^T G``
         (``grad_norm`` then the norm of ``projected``)."""
+        if projected is None and self._steps_in_torch(group, p):
+            self._torch_step(group, [p], [grad])
+            return
         state = self.state[p]
         if not state:
             self._init_state(group, p, grad)
@@ -350,6 +381,39 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         state["step"] += 1
 
     @staticmethod
+    def _projected(group: dict[str, Any], p: Tensor) -> bool:
+        """Whether ``p`` is (or, before its first step, will be) trained in a subspace."""
+        rank = group["rank"]
+        return get_projector(group["projector"]).projects and rank is not None and p.dim() == 2 and rank < min(p.shape)
+
+    def _steps_in_torch(self, group: dict[str, Any], p: Tensor) -> bool:
+        """Whether ``p`` steps through its rule's torch kernels (``UpdateRule.torch_step``):
+        a full-rank, unsharded parameter with float32 states and no per-parameter clipping,
+        whose rule torch computes with these hyperparameters."""
+        rule = RULES[group["rule"]]
+        state = self.state.get(p)
+        projected = "rank" in state if state else self._projected(group, p)
+        return (
+            rule.torch_step is not None
+            and not projected
+            and group["max_grad_norm"] is None
+            and (group["optim_bits"] == 32 or p.numel() < max(group["min_8bit_size"], 1))
+            and not isinstance(p, DTensor)
+            and rule.torch_step_allows(rule.hparams(group))
+        )
+
+    def _torch_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """Step full-rank ``params`` together through ``UpdateRule.torch_step`` (one fused kernel)."""
+        rule = RULES[group["rule"]]
+        for p, grad in zip(params, grads):
+            if not self.state[p]:
+                self._init_state(group, p, grad)
+        states = [self.state[p] for p in params]
+        rule.torch_step(params, grads, states, rule.hparams(group), group["lr"])
+        for state in states:
+            state["step"] += 1
+
+    @staticmethod
     def _working_grad(group: dict[str, Any], grad: Tensor, projected: bool) -> Tensor:
         """``grad``; a sharded (FSDP2) one is gathered whole unless its rule runs on shards
         (see :mod:`osd.sharded`)."""
@@ -361,7 +425,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         rank = group["rank"]
         projector = get_projector(group["projector"])
-        projected = projector.projects and rank is not None and p.dim() == 2 and rank < min(p.shape)
+        projected = self._projected(group, p)
         if not projected:
             projector = get_projector("identity")
         state["step"] = 0

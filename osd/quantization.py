@@ -30,9 +30,11 @@ __all__ = ["BLOCK_SIZE", "quantize", "dequantize", "quantized_nbytes"]
 BLOCK_SIZE = 256
 
 
+@cache
 def _quant_utils():
     """torchao's quantisation helpers, imported on first use (torchao takes seconds to
-    import and logs warnings about CUDA kernels it cannot load on a CPU-only machine)."""
+    import and logs warnings about CUDA kernels it cannot load on a CPU-only machine).
+    Cached: the logger's level is silenced and restored once, not on every (de)quantisation."""
     logger = logging.getLogger("torchao")
     level = logger.level
     logger.setLevel(logging.ERROR)

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.optim.adamw import adamw as torch_adamw
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from osd import functional as F
 
@@ -50,6 +52,11 @@ class UpdateRule:
             rules but Lion with ``sign_space="full"``).
         nonnegative_states: state keys (without prefix) that are never negative; 8-bit
             storage spends all its codes on [0, 1] for them.
+        torch_step: ``(params, grads, states, hparams, lr) -> None``: the same update of
+            full-rank parameters (decoupled decay included, states in place, ``state["step"]``
+            not advanced) by torch's own multi-tensor kernels, or None. Used where
+            ``torch_step_allows(hparams)`` is true.
+        torch_step_allows: whether torch's kernels compute this rule with these hyperparameters.
     """
 
     name: str
@@ -59,6 +66,8 @@ class UpdateRule:
     direction: Callable[[Tensor, dict[str, Tensor], dict[str, Any], int, str], Tensor]
     finalize: Callable[[Tensor, dict[str, Any]], Tensor] = lambda update, hparams: update
     nonnegative_states: tuple[str, ...] = ()
+    torch_step: Callable[[list[Tensor], list[Tensor], list[dict[str, Any]], dict[str, Any], Any], None] | None = None
+    torch_step_allows: Callable[[dict[str, Any]], bool] = lambda hparams: False
 
     def hparams(self, source: dict[str, Any]) -> dict[str, Any]:
         """This rule's hyperparameters, read from ``source`` with the rule's defaults behind it."""
@@ -86,6 +95,33 @@ def _adamw_direction(grad: Tensor, state: dict, h: dict, step: int, prefix: str)
     return F.adamw_direction(grad, state[prefix + "exp_avg"], state[prefix + "exp_avg_sq"], step, beta1, beta2, h["eps"])
 
 
+def _adamw_torch_step(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], h: dict[str, Any], lr: Any) -> None:
+    """``torch.optim.AdamW``'s update of full-rank ``params``, with its fused kernel where the
+    device has one (one pass over each tensor), else its ``foreach`` kernels: decay
+    ``W <- (1 - lr wd) W``, then the update of :func:`osd.functional.adamw_direction`."""
+    fused = all(p.device.type in _get_fused_kernels_supported_devices() for p in params)
+    beta1, beta2 = h["betas"]
+    # torch counts steps in tensors and advances them itself; ours are ints, advanced by the caller.
+    steps = [torch.tensor(float(s["step"]), dtype=torch.float32, device=p.device if fused else "cpu") for s, p in zip(states, params)]
+    torch_adamw(
+        params,
+        grads,
+        [s["exp_avg"] for s in states],
+        [s["exp_avg_sq"] for s in states],
+        [],
+        steps,
+        foreach=not fused,
+        fused=fused,
+        amsgrad=False,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=h["weight_decay"],
+        eps=h["eps"],
+        maximize=False,
+    )
+
+
 ADAMW = UpdateRule(
     name="adamw",
     defaults={"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
@@ -93,6 +129,8 @@ ADAMW = UpdateRule(
     init_state=_adamw_init,
     direction=_adamw_direction,
     nonnegative_states=("exp_avg_sq",),
+    torch_step=_adamw_torch_step,
+    torch_step_allows=lambda h: True,
 )
 
 
