@@ -101,7 +101,7 @@ def step_times(model: torch.nn.Module, name: str, rank: int, gap: int, repeats: 
     """``optimizer.step()`` times (ms) with the model's current gradients, and the optimizer;
     the warm-up steps create the state (and, for GaLore/GoLore, take the first refresh)."""
     optimizer = make_optimizer(model, name, rank, gap)
-    return measure(lambda: optimizer.step, repeats, warmup), optimizer
+    return measure(lambda: optimizer.step, repeats, warmup, device_of(model)), optimizer
 
 
 def full_rank_group_times(model: torch.nn.Module, repeats: int, warmup: int) -> dict[str, list[float]]:
@@ -115,7 +115,7 @@ def full_rank_group_times(model: torch.nn.Module, repeats: int, warmup: int) -> 
     times: dict[str, list[float]] = {name: [] for name in optimizers}
     for i in range(warmup + repeats):
         for name, optimizer in optimizers.items():
-            elapsed = measure(lambda: optimizer.step, 1, 0)
+            elapsed = measure(lambda: optimizer.step, 1, 0, device_of(model))
             if i >= warmup:
                 times[name] += elapsed
             with torch.no_grad():
@@ -123,7 +123,7 @@ def full_rank_group_times(model: torch.nn.Module, repeats: int, warmup: int) -> 
     return times
 
 
-def aten_ops_per_projected_weight(preset: str, name: str, rank: int, gap: int) -> int:
+def aten_ops_per_projected_weight(preset: str, name: str, rank: int, gap: int, device: torch.device) -> int:
     """ATen operations dispatched by one regular ``step()`` of an optimizer over a single
     projected ``hidden x intermediate`` weight (the preset's MLP shape)."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -137,7 +137,7 @@ def aten_ops_per_projected_weight(preset: str, name: str, rank: int, gap: int) -
 
     shape = (PRESETS[preset]["hidden_size"], PRESETS[preset]["intermediate_size"])
     layer = torch.nn.Module()
-    layer.mlp = torch.nn.Linear(*shape, bias=False)
+    layer.mlp = torch.nn.Linear(*shape, bias=False, device=device)
     layer.mlp.weight.grad = torch.randn_like(layer.mlp.weight)
     optimizer = make_optimizer(layer, name, rank, gap)
     optimizer.step()
@@ -158,13 +158,17 @@ def interleaved_train_times(model: torch.nn.Module, batch: dict[str, torch.Tenso
     for i in range(warmup + repeats):
         for name, (copy, optimizer) in runs.items():
             optimizer.zero_grad(set_to_none=True)
-            fb = measure(lambda: lambda: forward_backward(copy, batch), 1, 0)
-            st = measure(lambda: optimizer.step, 1, 0)
+            fb = measure(lambda: lambda: forward_backward(copy, batch), 1, 0, device_of(copy))
+            st = measure(lambda: optimizer.step, 1, 0, device_of(copy))
             if i >= warmup:
                 times[name]["forward_backward"] += fb
                 times[name]["step"] += st
                 times[name]["train_step"].append(fb[0] + st[0])
     return times
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def copy_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -186,7 +190,8 @@ def profile_train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], n
         forward_backward(model, batch)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_of(model).type == "cuda" else [])
+    with profile(activities=activities) as prof:
         with record_function("forward_backward"):
             forward_backward(model, batch)
         with record_function("optimizer.step"):
@@ -200,7 +205,9 @@ def bench_preset(preset: str, args: argparse.Namespace, throughput: bool, bar: t
     generator = torch.Generator().manual_seed(args.seed)
     batch, vocab = load_batch(args, generator)
     torch.manual_seed(args.seed)
-    model = build_model(llama_config(preset, vocab, args.seq_len))
+    device = torch.device(args.device)
+    batch = {key: value.to(device) for key, value in batch.items()}
+    model = build_model(llama_config(preset, vocab, args.seq_len)).to(device)
     rank = args.rank or default_rank(preset)
     tokens = batch["input_ids"].numel()
     forward_backward(model, batch)
@@ -212,12 +219,12 @@ def bench_preset(preset: str, args: argparse.Namespace, throughput: bool, bar: t
         cost = step_cost(optimizer)
         del optimizer
         if rates is None or set(cost.gemm_flops) - set(rates.gemm):
-            rates = measure_rates(sorted(set(cost.gemm_flops) | set(rates.gemm if rates else ())))
+            rates = measure_rates(sorted(set(cost.gemm_flops) | set(rates.gemm if rates else ())), device)
             result["machine_rates"] = {"gemm_gflops": {f"{m}x{n}:{r}": rate / 1e9 for (m, n, r), rate in rates.gemm.items()}, "bandwidth_gbs": rates.bandwidth / 1e9}
         entry: dict[str, Any] = {"step": summarize(times), "gflop": cost.flops / 1e9, "mbytes": cost.bytes / 1e6, "floor_ms": floor_ms(cost, rates)}
         entry["vs_floor"] = entry["step"]["median_ms"] / entry["floor_ms"]
         if name not in ("adamw", "adamw_fused"):
-            entry["aten_ops_per_projected_weight"] = aten_ops_per_projected_weight(preset, name, rank, args.gap)
+            entry["aten_ops_per_projected_weight"] = aten_ops_per_projected_weight(preset, name, rank, args.gap, device)
         regular = entry["step"]["median_ms"]
         if name in REFRESHED:
             entry["refresh_step"] = summarize(step_times(model, name, rank, 1, args.refresh_repeats, 1)[0])
@@ -312,6 +319,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--train-repeats", type=int, default=3, help="timed training steps (default: 3)")
     parser.add_argument("--train-warmup", type=int, default=2, help="untimed training steps first (default: 2)")
     parser.add_argument("--profile", choices=list(OPTIMIZERS), default=None, help="also profile one training step of this optimizer")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="default cpu")
     parser.add_argument("--random-tokens", action="store_true", help="random token ids (vocab 32100) instead of C4 text")
     parser.add_argument("--shared", type=Path, default=Path("../shared"), help="folder with the C4 sample and t5 tokenizer (default: ../shared)")
     parser.add_argument("--seed", type=int, default=0)
@@ -327,11 +335,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             return usage_error("step", f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0 or args.train_warmup < 0:
         return usage_error("step", "--warmup and --train-warmup must be >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return usage_error("step", "--device cuda, but CUDA is not available")
     unknown = set(args.throughput_presets) - set(args.presets)
     if unknown:
         return usage_error("step", f"--throughput-presets {sorted(unknown)} are not among --presets {args.presets}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    machine = machine_info()
+    machine = machine_info(args.device)
     n_train = len(set(args.optimizers) & set(args.throughput_optimizers))
     total = sum(len(args.optimizers) + (n_train if p in args.throughput_presets else 0) for p in args.presets)
     try:
