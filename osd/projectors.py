@@ -183,12 +183,22 @@ class OnlinePCAProjector(Projector):
         state.update(rule.init_state(state["proj"], hparams, "proj_"))
 
     def advance(self, state: dict[str, Any], G: Tensor, R: Tensor, grad_norm: Tensor, group: dict[str, Any]) -> None:
+        """Move ``P`` by one step of its optimizer, except on the step whose gradient initialised it.
+
+        At that step ``P`` is the top-``r`` basis of ``G`` itself, so the online-PCA gradient is
+        round-off (~1e-7 against ~1e-2 a step later); a normalising optimizer such as Adam would
+        turn it into a full-size move in a random direction (the released code, likewise, has no
+        ``P`` gradient at ``t = 0``). ``P``'s optimizer therefore counts its own steps: its
+        ``k``-th step (bias correction included) happens at the parameter's step ``k``.
+        """
+        if state["step"] == 0:
+            return
         P = state["proj"]
         rule, hparams = self._proj_rule(group)
         # A zero gradient leaves only the orthonormality term: clamp instead of branching on
         # the norm, which would synchronise with the device.
         loss_grad = F.online_pca_grad(P, G, group["ortho_reg"], R=R, grad_norm=grad_norm.clamp_min(1e-30))
-        direction = rule.direction(loss_grad, state, hparams, state["step"] + 1, "proj_")
+        direction = rule.direction(loss_grad, state, hparams, state["step"], "proj_")
         lr = proj_lr(group)
         if hparams["weight_decay"]:
             P.mul_(1.0 - lr * hparams["weight_decay"])
