@@ -1,0 +1,213 @@
+"""Exact parity with the reference implementations at their own defaults.
+
+Every comparison is on the UPDATE: ``||W - W_ref|| / ||W_ref - W_0||`` (and the same for
+``P``), so that a large weight cannot hide a wrong step.
+
+- ``GaLoreAdamW`` / ``GaLoreAdafactor`` against ``galore_torch`` 1.0 (a test dependency),
+  at ``galore_torch``'s defaults: across refreshes, the four ``proj_type``s, both
+  orientations, weight decay on and off.
+- ``compat="osd_release"`` against the released OSD optimizer (``reference_osd_release``),
+  AdamW and Lion, both projection sides, under a warmup + cosine schedule, 30 steps.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import osd
+from osd.schedule import warmup_cosine_factor
+from tests.helpers import gradient_stream, relative_error
+from tests.reference_osd_release import ReleasedOSD
+
+SHAPES = [(48, 80), (80, 48)]
+
+
+def _galore_torch():
+    return pytest.importorskip("galore_torch", reason="galore-torch is a test dependency (pip install -e .[test])")
+
+
+def _run(opt: torch.optim.Optimizer, param: torch.nn.Parameter, grads: list[torch.Tensor], scheduler=None) -> None:
+    for grad in grads:
+        param.grad = grad.clone()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_galore_adamw_reproduces_galore_torch_at_its_defaults(shape, proj_type: str, weight_decay: float) -> None:
+    """13 steps, SVD refreshes at steps 0, 5 and 10, galore_torch's default eps (1e-6)."""
+    galore_torch = _galore_torch()
+    w0 = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    ours, ref = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    full_ours, full_ref = torch.nn.Parameter(w0[0].clone()), torch.nn.Parameter(w0[0].clone())
+    group = {"rank": 8, "update_proj_gap": 5, "scale": 0.25, "proj_type": proj_type}
+    opt = osd.GaLoreAdamW([{"params": [ours], **group}, {"params": [full_ours]}], lr=1e-2, weight_decay=weight_decay)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_opt = galore_torch.GaLoreAdamW([{"params": [ref], **group}, {"params": [full_ref]}], lr=1e-2, weight_decay=weight_decay)
+    grads = gradient_stream(shape, 13, seed=6)
+    for grad in grads:
+        ours.grad, ref.grad = grad.clone(), grad.clone()
+        full_ours.grad, full_ref.grad = grad[1].clone(), grad[1].clone()
+        opt.step()
+        ref_opt.step()
+    assert relative_error(ours.detach(), ref.detach(), w0) < 1e-5
+    assert relative_error(full_ours.detach(), full_ref.detach(), w0[0]) < 1e-5
+
+
+def test_galore_adamw_first_step_and_eps_matter() -> None:
+    """The conventions are not cosmetic: with torch's (``compat=None``) the first step is
+    measurably off galore_torch's, with galore_torch's it matches."""
+    galore_torch = _galore_torch()
+    shape = (32, 64)
+    w0 = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    grad = gradient_stream(shape, 1, seed=2)[0] * 1e-4  # small gradients: eps matters
+    group = {"rank": 4, "update_proj_gap": 200, "scale": 1.0, "proj_type": "std"}
+    ref = torch.nn.Parameter(w0.clone())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _run(galore_torch.GaLoreAdamW([{"params": [ref], **group}], lr=1e-3), ref, [grad])
+    errors = {}
+    for compat in ("galore_torch", None):
+        ours = torch.nn.Parameter(w0.clone())
+        _run(osd.GaLoreAdamW([{"params": [ours], **group}], lr=1e-3, compat=compat), ours, [grad])
+        errors[compat] = relative_error(ours.detach(), ref.detach(), w0)
+    assert errors["galore_torch"] < 1e-5
+    assert errors[None] > 1e-3
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("beta1", [None, 0.9])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_galore_adafactor_reproduces_galore_torch(shape, beta1, weight_decay: float) -> None:
+    """galore_torch's Adafactor with an external lr, as it recommends (``relative_step=False,
+    scale_parameter=False, warmup_init=False``), its ``eps=(1e-30, 1e-3)`` accepted as given.
+
+    In float64: galore_torch's Adafactor decays before the update as ``W + (-lr wd) W``, torch's
+    AdamW (whose rounding this library keeps for decay-before) as ``(1 - lr wd) W``; in float32
+    that last-bit difference alone, on weights of norm ~1, is ~1e-5 of a 12-step update."""
+    galore_torch = _galore_torch()
+    w0 = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    ours, ref = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    group = {"rank": 8, "update_proj_gap": 5, "scale": 0.25, "proj_type": "std"}
+    settings = dict(lr=1e-2, eps=(1e-30, 1e-3), beta1=beta1, weight_decay=weight_decay, relative_step=False, scale_parameter=False, warmup_init=False)
+    grads = gradient_stream(shape, 12, seed=8, dtype=torch.float64)
+    _run(osd.GaLoreAdafactor([{"params": [ours], **group}], **settings), ours, grads)
+    _run(galore_torch.GaLoreAdafactor([{"params": [ref], **group}], **settings), ref, grads)
+    assert relative_error(ours.detach(), ref.detach(), w0) < 1e-5
+
+
+def test_galore_torch_keywords_are_accepted_or_refused_with_what_to_use() -> None:
+    p = torch.nn.Parameter(torch.zeros(8, 8))
+    osd.GaLoreAdamW([p], lr=1e-3, correct_bias=True, no_deprecation_warning=True)
+    with pytest.raises(ValueError, match="relative_step=True.*: this Adafactor takes an explicit learning rate.*relative_step=False"):
+        osd.GaLoreAdafactor([p], lr=1e-3, relative_step=True)
+    with pytest.raises(ValueError, match="lr=None: this Adafactor takes an explicit learning rate"):
+        osd.GaLoreAdafactor([p], lr=None, relative_step=False, scale_parameter=False)
+    with pytest.raises(ValueError, match="scale_parameter=True"):
+        osd.GaLoreAdafactor([p], lr=1e-3, relative_step=False)  # galore_torch's default scale_parameter=True
+    # pytorch_optimizer's key for proj_type
+    opt = osd.GaLoreAdamW([{"params": [p], "rank": 2, "projection_type": "left"}], lr=1e-3)
+    assert opt.param_groups[0]["proj_type"] == "left" and "projection_type" not in opt.param_groups[0]
+    # the class name galore_torch users import
+    opt = osd.GaLoreAdamW8bit([{"params": [p], "rank": 2}], lr=1e-3)
+    assert opt.param_groups[0]["optim_bits"] == 8 and opt.param_groups[0]["weight_decay"] == 1e-2
+
+
+def test_correct_bias_false_drops_the_bias_correction() -> None:
+    """Without bias correction Adam's first step is ``(1 - b1) g / (sqrt(1 - b2) |g| + eps)``."""
+    p = torch.nn.Parameter(torch.zeros(3, 5))
+    g = torch.full((3, 5), 0.5)
+    opt = osd.SubspaceOptimizer([p], lr=1.0, projector="identity", correct_bias=False, eps=0.0)
+    _run(opt, p, [g])
+    torch.testing.assert_close(p.detach(), torch.full((3, 5), -0.1 / math.sqrt(0.001)))
+
+
+def test_foreign_keys_are_refused_naming_who_takes_them() -> None:
+    p = torch.nn.Parameter(torch.zeros(8, 8))
+    with pytest.raises(TypeError, match=r"'alpha' is a hyperparameter of projector 'online_pca'.*projector 'svd'"):
+        osd.GaLoreAdamW([p], alpha=123)
+    with pytest.raises(TypeError, match=r"'proj_optimizer' is a hyperparameter of projector 'online_pca'"):
+        osd.GaLoreAdamW([{"params": [p], "rank": 2, "proj_optimizer": "lion"}])
+    with pytest.raises(TypeError, match=r"'svd_until' is a hyperparameter of projector 'random'"):
+        osd.OSDAdamW([p], svd_until=0.8)
+    with pytest.raises(TypeError, match="svd_fraction was renamed svd_until"):
+        osd.GoLoreAdamW([p], svd_fraction=0.2, total_steps=10)
+    # a group may pick another projector, and gets that projector's keys
+    opt = osd.GaLoreAdamW([{"params": [p], "rank": 2, "projector": "online_pca", "alpha": 2.0}])
+    assert opt.param_groups[0]["alpha"] == 2.0 and opt.param_groups[0]["ortho_reg"] == 0.1
+
+
+def test_golore_schedule_svd_until_then_random() -> None:
+    """``svd_until=0.8`` over 10 steps with gap 2: SVD refreshes at steps 0..6, random at 8
+    (GoLore's code: random once ``step >= rand_ratio * total``)."""
+    grads = gradient_stream((12, 30), 10, seed=3)
+    param = torch.nn.Parameter(torch.zeros(12, 30))
+    opt = osd.GoLoreAdamW([{"params": [param], "rank": 3, "update_proj_gap": 2}], svd_until=0.8, total_steps=10)
+    for step, grad in enumerate(grads):
+        param.grad = grad
+        opt.step()
+        if step % 2 == 0:
+            svd = torch.linalg.svd(grad, full_matrices=False)[0][:, :3]
+            is_svd = torch.allclose(opt.state[param]["proj"].abs(), svd.abs(), atol=1e-5)
+            assert is_svd == (step < 8), f"step {step}"
+
+
+def test_p_weight_decay_as_the_paper_recommends() -> None:
+    """``lambda^P = lambda^W`` through ``proj_optimizer_args``: P shrinks by ``1 - lr_P wd``
+    more than without it."""
+    grads = gradient_stream((12, 30), 2, seed=4)
+    results = {}
+    for wd in (0.0, 0.1):
+        param = torch.nn.Parameter(torch.zeros(12, 30))
+        opt = osd.OSDAdamW([{"params": [param], "rank": 3}], lr=1e-2, weight_decay=0.1, proj_optimizer_args={"weight_decay": wd})
+        param.grad = grads[0]
+        opt.step()
+        before = opt.state[param]["proj"].clone()
+        param.grad = grads[1]
+        opt.step()
+        results[wd] = (before, opt.state[param]["proj"].clone())
+    (b0, a0), (b1, a1) = results[0.0], results[0.1]
+    torch.testing.assert_close(b0, b1)
+    torch.testing.assert_close(a1, a0 - 5 * 1e-2 * 0.1 * b0, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("rule", ["adamw", "lion"])
+@pytest.mark.parametrize("shape", [(40, 96), (96, 40)])
+def test_compat_osd_release_reproduces_the_released_code(rule: str, shape) -> None:
+    """30 steps under warmup + cosine (peak 1e-2 reached at step 5), weight decay 0.1,
+    scale 0.25, gap 200 (the released P learning rate), float64 gradients: W and P within
+    1e-5 of the released behaviour, relative to their cumulative updates."""
+    steps, peak, rank, gap = 30, 1e-2, 6, 200
+    w0 = torch.randn(shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    grads = gradient_stream(shape, steps, seed=12, dtype=torch.float64)
+    ours = torch.nn.Parameter(w0.clone())
+    cls = osd.OSDAdamW if rule == "adamw" else osd.OSDLion
+    opt = cls([{"params": [ours], "rank": rank, "update_proj_gap": gap, "scale": 0.25}], lr=peak, weight_decay=0.1, compat="osd_release")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: warmup_cosine_factor(t, 5, steps, 0.1))
+    ref_w = w0.clone()
+    betas = (0.9, 0.999) if rule == "adamw" else (0.9, 0.99)
+    reference = ReleasedOSD(rule, rank, gap, 0.25, peak, betas=betas, eps=1e-6, weight_decay=0.1)
+    p0 = None
+    for t, grad in enumerate(grads):
+        lr = peak * warmup_cosine_factor(t, 5, steps, 0.1)
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr)
+        ours.grad = grad.clone()
+        opt.step()
+        scheduler.step()
+        reference.step(ref_w, grad, lr)
+        if p0 is None:
+            p0 = reference.basis.clone()
+    P_ours = opt.state[ours]["proj"]
+    P_ref = reference.basis.T if reference.columns else reference.basis
+    P_start = p0.T if reference.columns else p0
+    assert relative_error(ours.detach(), ref_w, w0) < 1e-5
+    assert (P_ref - P_start).norm() > 1e-3, "the reference's P did not move: the test would prove nothing"
+    assert relative_error(P_ours, P_ref, P_start) < 1e-5
