@@ -28,7 +28,7 @@ from osd.compat import compat_defaults, translate_reference_kwargs
 from osd.projectors import PROJECTORS, get_projector
 from osd.rules import PROJ_RULES, RULES, get_rule
 
-__all__ = ["SubspaceOptimizer", "PROJ_TYPES", "NONFINITE_POLICIES"]
+__all__ = ["SubspaceOptimizer", "PROJ_TYPES", "NONFINITE_POLICIES", "optimizer_keys"]
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 NONFINITE_POLICIES = ("raise", "skip")
@@ -55,6 +55,11 @@ RENAMED_KEYS = {
 }
 # Aliases other libraries use for a group key.
 KEY_ALIASES = {"projection_type": "proj_type"}  # pytorch_optimizer's GaLore
+
+
+def optimizer_keys(rule: str, projector: str) -> set[str]:
+    """Every keyword a :class:`SubspaceOptimizer` with this rule and projector takes."""
+    return set(SUBSPACE_DEFAULTS) | set(get_rule(rule).defaults) | set(get_projector(projector).defaults) | {"compat", "nonfinite"}
 
 
 def _owners(key: str) -> list[str]:

@@ -211,3 +211,30 @@ def test_compat_osd_release_reproduces_the_released_code(rule: str, shape) -> No
     assert relative_error(ours.detach(), ref_w, w0) < 1e-5
     assert (P_ref - P_start).norm() > 1e-3, "the reference's P did not move: the test would prove nothing"
     assert relative_error(P_ours, P_ref, P_start) < 1e-5
+
+
+def test_osd_train_optimizer_args_reach_the_optimizer() -> None:
+    """``--optimizer-args`` passes any key the chosen rule, projector and optimizer take, and
+    GoLore's switch gets the run's length as ``total_steps``."""
+    from osd.config import ConfigError, TrainConfig, build_parser, config_from_args
+    from osd.train import build_optimizer
+
+    model = torch.nn.ModuleDict({"mlp": torch.nn.Linear(16, 24), "attn": torch.nn.Linear(16, 16), "head": torch.nn.Linear(16, 4)})
+    argv = ["--optimizer", "golore_adamw", "--steps", "50", "--rank", "4", "--optimizer-args",
+            "betas=(0.9,0.95),eps=1e-6,proj_type=left,svd_until=0.8,compat=osd_release,target_modules=('mlp',)"]
+    config = config_from_args(build_parser().parse_args(argv))
+    optimizer, _ = build_optimizer(config, model)
+    projected = next(g for g in optimizer.param_groups if g["rank"] is not None)
+    assert projected["betas"] == (0.9, 0.95) and projected["eps"] == 1e-6 and projected["proj_type"] == "left"
+    assert projected["svd_until"] == 0.8 and projected["total_steps"] == 50
+    assert projected["eps_placement"] == "hf" and projected["decay_after_update"]  # compat's, for the keys not given
+    assert projected["param_names"] == ["mlp.weight"]
+    config = TrainConfig(optimizer="osd_adamw", optimizer_args="proj_optimizer_args.weight_decay=0.1,max_lr=0.02")
+    projected = next(g for g in build_optimizer(config, model)[0].param_groups if g["rank"] is not None)
+    assert projected["proj_optimizer_args"] == {"weight_decay": 0.1} and projected["max_lr"] == 0.02
+    with pytest.raises(ConfigError, match=r"galore_adamw \(rule 'adamw', projector 'svd'\) takes no key 'alpha'|'alpha' has its own flag"):
+        TrainConfig(optimizer="galore_adamw", optimizer_args="alpha=2")
+    with pytest.raises(ConfigError, match=r"galore_adamw \(rule 'adamw', projector 'svd'\) takes no key 'svd_until'"):
+        TrainConfig(optimizer="galore_adamw", optimizer_args="svd_until=0.8")
+    with pytest.raises(ConfigError, match="expected key=value"):
+        TrainConfig(optimizer="galore_adamw", optimizer_args="betas")
