@@ -19,11 +19,10 @@ import pytest
 import torch
 
 import osd
-from osd.schedule import warmup_cosine_factor
+from tests import parity_cases as cases
 from tests.helpers import gradient_stream, relative_error
-from tests.reference_osd_release import ReleasedOSD
 
-SHAPES = [(48, 80), (80, 48)]
+SHAPES = cases.SHAPES
 
 
 def _galore_torch():
@@ -42,24 +41,10 @@ def _run(opt: torch.optim.Optimizer, param: torch.nn.Parameter, grads: list[torc
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_galore_adamw_reproduces_galore_torch_at_its_defaults(shape, proj_type: str, weight_decay: float) -> None:
-    """13 steps, SVD refreshes at steps 0, 5 and 10, galore_torch's default eps (1e-6)."""
-    galore_torch = _galore_torch()
-    w0 = torch.randn(shape, generator=torch.Generator().manual_seed(5))
-    ours, ref = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
-    full_ours, full_ref = torch.nn.Parameter(w0[0].clone()), torch.nn.Parameter(w0[0].clone())
-    group = {"rank": 8, "update_proj_gap": 5, "scale": 0.25, "proj_type": proj_type}
-    opt = osd.GaLoreAdamW([{"params": [ours], **group}, {"params": [full_ours]}], lr=1e-2, weight_decay=weight_decay)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref_opt = galore_torch.GaLoreAdamW([{"params": [ref], **group}, {"params": [full_ref]}], lr=1e-2, weight_decay=weight_decay)
-    grads = gradient_stream(shape, 13, seed=6)
-    for grad in grads:
-        ours.grad, ref.grad = grad.clone(), grad.clone()
-        full_ours.grad, full_ref.grad = grad[1].clone(), grad[1].clone()
-        opt.step()
-        ref_opt.step()
-    assert relative_error(ours.detach(), ref.detach(), w0) < 1e-5
-    assert relative_error(full_ours.detach(), full_ref.detach(), w0[0]) < 1e-5
+    """13 steps, SVD refreshes at steps 0, 5 and 10, galore_torch's default eps (1e-6); a
+    full-rank vector in a second group."""
+    errors = cases.galore_adamw_errors(_galore_torch(), shape, proj_type, weight_decay)
+    assert max(errors) < 1e-5, errors
 
 
 def test_galore_adamw_first_step_and_eps_matter() -> None:
@@ -93,15 +78,7 @@ def test_galore_adafactor_reproduces_galore_torch(shape, beta1, weight_decay: fl
     In float64: galore_torch's Adafactor decays before the update as ``W + (-lr wd) W``, torch's
     AdamW (whose rounding this library keeps for decay-before) as ``(1 - lr wd) W``; in float32
     that last-bit difference alone, on weights of norm ~1, is ~1e-5 of a 12-step update."""
-    galore_torch = _galore_torch()
-    w0 = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    ours, ref = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
-    group = {"rank": 8, "update_proj_gap": 5, "scale": 0.25, "proj_type": "std"}
-    settings = dict(lr=1e-2, eps=(1e-30, 1e-3), beta1=beta1, weight_decay=weight_decay, relative_step=False, scale_parameter=False, warmup_init=False)
-    grads = gradient_stream(shape, 12, seed=8, dtype=torch.float64)
-    _run(osd.GaLoreAdafactor([{"params": [ours], **group}], **settings), ours, grads)
-    _run(galore_torch.GaLoreAdafactor([{"params": [ref], **group}], **settings), ref, grads)
-    assert relative_error(ours.detach(), ref.detach(), w0) < 1e-5
+    assert cases.galore_adafactor_error(_galore_torch(), shape, beta1, weight_decay) < 1e-5
 
 
 def test_galore_torch_keywords_are_accepted_or_refused_with_what_to_use() -> None:
@@ -185,32 +162,9 @@ def test_compat_osd_release_reproduces_the_released_code(rule: str, shape) -> No
     """30 steps under warmup + cosine (peak 1e-2 reached at step 5), weight decay 0.1,
     scale 0.25, gap 200 (the released P learning rate), float64 gradients: W and P within
     1e-5 of the released behaviour, relative to their cumulative updates."""
-    steps, peak, rank, gap = 30, 1e-2, 6, 200
-    w0 = torch.randn(shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
-    grads = gradient_stream(shape, steps, seed=12, dtype=torch.float64)
-    ours = torch.nn.Parameter(w0.clone())
-    cls = osd.OSDAdamW if rule == "adamw" else osd.OSDLion
-    opt = cls([{"params": [ours], "rank": rank, "update_proj_gap": gap, "scale": 0.25}], lr=peak, weight_decay=0.1, compat="osd_release")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: warmup_cosine_factor(t, 5, steps, 0.1))
-    ref_w = w0.clone()
-    betas = (0.9, 0.999) if rule == "adamw" else (0.9, 0.99)
-    reference = ReleasedOSD(rule, rank, gap, 0.25, peak, betas=betas, eps=1e-6, weight_decay=0.1)
-    p0 = None
-    for t, grad in enumerate(grads):
-        lr = peak * warmup_cosine_factor(t, 5, steps, 0.1)
-        assert opt.param_groups[0]["lr"] == pytest.approx(lr)
-        ours.grad = grad.clone()
-        opt.step()
-        scheduler.step()
-        reference.step(ref_w, grad, lr)
-        if p0 is None:
-            p0 = reference.basis.clone()
-    P_ours = opt.state[ours]["proj"]
-    P_ref = reference.basis.T if reference.columns else reference.basis
-    P_start = p0.T if reference.columns else p0
-    assert relative_error(ours.detach(), ref_w, w0) < 1e-5
-    assert (P_ref - P_start).norm() > 1e-3, "the reference's P did not move: the test would prove nothing"
-    assert relative_error(P_ours, P_ref, P_start) < 1e-5
+    weight_error, proj_error, proj_moved = cases.osd_release_errors(rule, shape)
+    assert proj_moved > 1e-3, "the reference's P did not move: the test would prove nothing"
+    assert weight_error < 1e-5 and proj_error < 1e-5, (weight_error, proj_error)
 
 
 def test_osd_train_optimizer_args_reach_the_optimizer() -> None:
