@@ -173,15 +173,14 @@ def online_pca_grad(P: Tensor, G: Tensor, ortho_reg: float, R: Tensor | None = N
     """
     if grad_norm is None:
         grad_norm = G.norm()
-    inv_norm = 1.0 / grad_norm
-    Zt = (P.mT @ G if R is None else R) * inv_norm  # r x n
-    Y = (G @ Zt.mT) * inv_norm  # m x r
-    # Z^T Z = P^T Gn Gn^T P = P^T Y: an m r^2 product instead of an n r^2 one.
-    inner = P.mT @ Y
+    R = P.mT @ G if R is None else R  # r x n; Z = R^T / ||G||
+    Y = (G @ R.mT).mul_(1.0 / grad_norm**2)  # m x r: Gn Z, one scaling of the small product
     A = P.mT @ P
     eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    if ortho_reg:
-        inner.add_(A - eye, alpha=2.0 * ortho_reg)
+    # Z^T Z + 2 lambda (A - I), with Z^T Z = P^T Gn Gn^T P = P^T Y: an m r^2 product instead of
+    # an n r^2 one. addmm's beta rather than add_(..., alpha=...): torch 2.13's inductor drops
+    # alpha when it adds to a matrix product (torch.compile(optimizer.step) would be wrong).
+    inner = torch.addmm(A - eye, P.mT, Y, beta=2.0 * ortho_reg)
     # 2 (Y (A - 2 I) + P (Z^T Z + 2 lambda (A - I))): one product with P for both P-terms.
     return torch.addmm(Y @ (A - 2.0 * eye), P, inner).mul_(2.0)
 

@@ -325,11 +325,14 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 f"{tuple(p.shape)}; nothing was updated (pass nonfinite='skip' to skip such steps)"
             )
         in_torch: dict[int, tuple[dict[str, Any], list[Tensor]]] = {}
+        hparams: dict[int, dict[str, Any]] = {}  # each group's, read once per step
         for (group, p), norm in zip(pairs, norms):
             if self._steps_in_torch(group, p):
                 in_torch.setdefault(id(group), (group, []))[1].append(p)
-            else:
-                self._update_param(group, p, p.grad, norm)
+                continue
+            if id(group) not in hparams:
+                hparams[id(group)] = RULES[group["rule"]].hparams(group)
+            self._update_param(group, p, p.grad, norm, hparams=hparams[id(group)])
         for group, params in in_torch.values():
             self._torch_step(group, params, [p.grad for p in params])
         return loss
@@ -397,9 +400,12 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     # The update of one parameter
     # ----------------------------------------------------------------------------------
 
-    def _update_param(self, group: dict[str, Any], p: Tensor, grad: Tensor | None, grad_norm: Tensor, projected: Tensor | None = None) -> None:
+    def _update_param(
+        self, group: dict[str, Any], p: Tensor, grad: Tensor | None, grad_norm: Tensor, projected: Tensor | None = None, hparams: dict[str, Any] | None = None
+    ) -> None:
         """``grad``: the full gradient (``grad_norm`` its norm), or None with ``projected = P^T G``
-        (``grad_norm`` then the norm of ``projected``)."""
+        (``grad_norm`` then the norm of ``projected``). ``hparams``: the rule's hyperparameters
+        of ``group``, when the caller has read them already (once per group and step)."""
         if projected is None and self._steps_in_torch(group, p):
             self._torch_step(group, [p], [grad])
             return
@@ -410,7 +416,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         # load_state_dict would mangle them).
         projector = PROJECTORS[group["projector"] if "rank" in state else "identity"]
         rule = RULES[group["rule"]]
-        hparams = rule.hparams(group)
+        hparams = hparams or rule.hparams(group)
 
         if grad is not None:
             grad = self._working_grad(group, grad, "rank" in state)
@@ -425,13 +431,21 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 norm = grad_norm if P is None or projected is not None else torch.linalg.vector_norm(R)
                 rule_input = R * (group["max_grad_norm"] / (norm + 1e-6)).clamp(max=1.0)
             direction = rule.direction(rule_input, state, hparams, state["step"] + 1, "")
-            update = direction if P is None else P @ direction
-            update, scale = rule.finalize(update, group["scale"] if P is not None else 1.0, hparams)
-
             lr, decay = group["lr"], hparams["weight_decay"]
-            if decay and not group["decay_after_update"]:
-                p.mul_(1.0 - lr * decay)
-            p.add_(sharded.like_param(update.mT if state["transposed"] else update, p), alpha=-lr * scale)
+            decay_before = bool(decay) and not group["decay_after_update"]
+            if P is not None and not rule.finalizes(hparams) and not isinstance(p, DTensor):
+                # W <- (1 - lr wd) W - lr scale P D as one GEMM: no m x n temporary, one pass over W.
+                beta, alpha = (1.0 - lr * decay if decay_before else 1.0), -lr * group["scale"]
+                if state["transposed"]:
+                    p.addmm_(direction.mT, P.mT, beta=beta, alpha=alpha)
+                else:
+                    p.addmm_(P, direction, beta=beta, alpha=alpha)
+            else:
+                update = direction if P is None else P @ direction
+                update, scale = rule.finalize(update, group["scale"] if P is not None else 1.0, hparams)
+                if decay_before:
+                    p.mul_(1.0 - lr * decay)
+                p.add_(sharded.like_param(update.mT if state["transposed"] else update, p), alpha=-lr * scale)
             if decay and group["decay_after_update"]:
                 p.add_(p, alpha=-lr * decay)  # W' - lr wd W', as Hugging Face's AdamW rounds it
             if G is not None:
@@ -468,7 +482,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             if not self.state[p]:
                 self._init_state(group, p, grad)
         states = [self.state[p] for p in params]
-        rule.torch_step(params, grads, states, rule.hparams(group), group["lr"])
+        rule.torch_step(params, grads, states, rule.hparams(group), group["lr"], [state["step"] + 1 for state in states])
         for state in states:
             state["step"] += 1
 

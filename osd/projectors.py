@@ -236,8 +236,11 @@ class OnlinePCAProjector(Projector):
         # A zero gradient leaves only the orthonormality term: clamp instead of branching on
         # the norm, which would synchronise with the device.
         loss_grad = F.online_pca_grad(P, G, group["ortho_reg"], R=R, grad_norm=grad_norm.clamp_min(1e-30))
-        direction = rule.direction(loss_grad, state, hparams, state["step"], "proj_")
         lr = proj_lr(group)
+        if rule.torch_step is not None and rule.torch_step_allows(hparams):
+            rule.torch_step([P], [loss_grad], [state], hparams, lr, [state["step"]], "proj_")  # one fused pass
+            return
+        direction = rule.direction(loss_grad, state, hparams, state["step"], "proj_")
         if hparams["weight_decay"]:
             P.mul_(1.0 - lr * hparams["weight_decay"])
         P.add_(direction, alpha=-lr)
