@@ -169,3 +169,25 @@ def test_adamw_direction_through_torchs_kernel_is_the_reference_maths() -> None:
         expected = F.adamw_direction(grad, reference["exp_avg"], reference["exp_avg_sq"], t, 0.9, 0.95, 1e-8)
         torch.testing.assert_close(direction, expected, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(ours["exp_avg_sq"], reference["exp_avg_sq"], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_code_lookup_finds_the_codes_bucketize_finds(signed: bool) -> None:
+    """8-bit quantisation's table lookup against ``torch.bucketize`` over the code map's
+    midpoints: random values at three scales, every midpoint, its float neighbours, zeros."""
+    from osd import quantization
+
+    midpoints = quantization._midpoints(signed, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    values = torch.cat([
+        torch.rand(50_000, generator=gen) * 2 - 1,
+        torch.randn(50_000, generator=gen) * 1e-3,
+        torch.randn(50_000, generator=gen) * 1e-6,
+        midpoints,
+        torch.nextafter(midpoints, torch.tensor(float("inf"))),
+        torch.nextafter(midpoints, torch.tensor(float("-inf"))),
+        torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-12, -1e-12, 1e-40, -1e-40]),
+    ])
+    values = values if signed else values.abs()
+    expected = torch.bucketize(values, midpoints, right=True).to(torch.uint8)
+    assert torch.equal(quantization._nearest_codes(values, signed), expected)
