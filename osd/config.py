@@ -46,6 +46,7 @@ class TrainConfig:
     ortho_reg: float = _help("OSD: lambda of the orthonormality term", default=0.1)
     proj_optimizer: str = _help("OSD: optimizer of P (adam, adamw, lion, sgd, adafactor)", default="adam")
     proj_lr_rule: str = _help("OSD: 'alpha' (paper) or 'released' (lr / (max_lr * T))", default="alpha")
+    svd_fraction: float = _help("GoLore: SVD (GaLore) for this fraction of the steps, random after (0.8: GoLore@20%%)", default=0.0)
     weight_decay: float = _help("decoupled weight decay", default=0.0)
     grad_clip: float = _help("clip the global gradient norm to this (0: off); per parameter with --layerwise", default=1.0)
     optim_bits: int = _help("32, or 8 for block-wise 8-bit optimizer states (moments and P's optimizer)", default=32)
@@ -98,6 +99,8 @@ class TrainConfig:
         for name in ["weight_decay", "grad_clip", "ortho_reg", "save_interval", "val_docs"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.svd_fraction <= 1.0:
+            raise ConfigError(f"--svd-fraction must be in [0, 1], got {self.svd_fraction}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.total_batch_size is not None and (self.total_batch_size <= 0 or self.total_batch_size % self.batch_size):
