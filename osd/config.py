@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 import math
@@ -12,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from osd.models import PRESETS
-from osd.presets import optimizer_names
+from osd.optimizer import optimizer_keys
+from osd.presets import METHODS, optimizer_names
 
-__all__ = ["ConfigError", "TrainConfig", "build_parser", "config_from_args"]
+__all__ = ["ConfigError", "TrainConfig", "build_parser", "config_from_args", "parse_key_values"]
 
 
 class ConfigError(ValueError):
@@ -46,10 +48,15 @@ class TrainConfig:
     ortho_reg: float = _help("OSD: lambda of the orthonormality term", default=0.1)
     proj_optimizer: str = _help("OSD: optimizer of P (adam, adamw, lion, sgd, adafactor)", default="adam")
     proj_lr_rule: str = _help("OSD: 'alpha' (paper) or 'released' (lr / (max_lr * T))", default="alpha")
-    svd_fraction: float = _help("GoLore: SVD (GaLore) for this fraction of the steps, random after (0.8: GoLore@20%%)", default=0.0)
     weight_decay: float = _help("decoupled weight decay", default=0.0)
     grad_clip: float = _help("clip the global gradient norm to this (0: off); per parameter with --layerwise", default=1.0)
     optim_bits: int = _help("32, or 8 for block-wise 8-bit optimizer states (moments and P's optimizer)", default=32)
+    optimizer_args: str = _help(
+        "more optimizer keys, checked against what the rule, projector and optimizer take: "
+        "'betas=(0.9,0.95),eps=1e-6,proj_type=left,svd_until=0.8,compat=osd_release,proj_optimizer_args.weight_decay=0.1,"
+        "target_modules=(\"attn\",)'",
+        default="",
+    )
     # memory
     layerwise: bool = _help("step each weight inside backward and free its gradient at once (osd.layerwise)", default=False)
     activation_checkpointing: bool = _help("recompute each decoder layer's activations in backward instead of keeping them", default=False)
@@ -99,8 +106,6 @@ class TrainConfig:
         for name in ["weight_decay", "grad_clip", "ortho_reg", "save_interval", "val_docs"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.svd_fraction <= 1.0:
-            raise ConfigError(f"--svd-fraction must be in [0, 1], got {self.svd_fraction}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.total_batch_size is not None and (self.total_batch_size <= 0 or self.total_batch_size % self.batch_size):
@@ -111,6 +116,27 @@ class TrainConfig:
             raise ConfigError(f"--optim-bits must be 8 or 32, got {self.optim_bits}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        self.extra_optimizer_kwargs()
+
+    def extra_optimizer_kwargs(self) -> dict[str, Any]:
+        """``--optimizer-args`` as keyword arguments of :func:`osd.create_optimizer`, checked
+        against the keys the chosen optimizer takes (:class:`ConfigError` naming the rest)."""
+        try:
+            kwargs = parse_key_values(self.optimizer_args)
+        except ValueError as error:
+            raise ConfigError(f"--optimizer-args: {error}") from None
+        method, _, rule = self.optimizer.rpartition("_")
+        projector = METHODS.get(method, "identity")
+        taken = optimizer_keys(rule, projector) | {"target_modules"} if method else optimizer_keys(rule, projector)
+        for key in kwargs:
+            if key in _OWN_FLAGS:
+                raise ConfigError(f"--optimizer-args: {key!r} has its own flag, --{key.replace('_', '-')}")
+            if key not in taken:
+                raise ConfigError(
+                    f"--optimizer-args: {self.optimizer} (rule {rule!r}, projector {projector!r}) takes no key {key!r}; "
+                    f"it takes {', '.join(sorted(taken - _OWN_FLAGS))}"
+                )
+        return kwargs
 
     @property
     def total_batch(self) -> int:
@@ -145,6 +171,53 @@ class TrainConfig:
         """The resolved config (derived values included) as JSON."""
         derived = {"total_steps": self.total_steps, "warmup": self.warmup, "accumulation": self.accumulation, "tokenizer_spec": self.tokenizer_spec}
         return json.dumps({**dataclasses.asdict(self), "derived": derived}, indent=2)
+
+
+# Optimizer keys that have a flag of their own (set them there, not in --optimizer-args).
+_OWN_FLAGS = {"lr", "rank", "update_proj_gap", "scale", "alpha", "ortho_reg", "proj_optimizer", "proj_lr_rule", "weight_decay", "optim_bits", "seed", "max_grad_norm"}
+
+
+def _split_top_level(text: str) -> list[str]:
+    """``text`` split at the commas that are not inside brackets or quotes."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [part for part in parts + [text[start:]] if part.strip()]
+
+
+def parse_key_values(text: str) -> dict[str, Any]:
+    """``"a=1,b=(0.9,0.95),c=left,d.e=0.1"`` -> ``{"a": 1, "b": (0.9, 0.95), "c": "left", "d": {"e": 0.1}}``.
+
+    Values are Python literals where they parse as one (numbers, tuples, None, True), plain
+    strings otherwise; ``key.sub=value`` fills the dict ``key``."""
+    result: dict[str, Any] = {}
+    for part in _split_top_level(text):
+        key, sep, raw = part.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"expected key=value, got {part.strip()!r}")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        outer, _, inner = key.partition(".")
+        if inner:
+            result.setdefault(outer, {})[inner] = value
+        elif key in result:
+            raise ValueError(f"key {key!r} given twice")
+        else:
+            result[key] = value
+    return result
 
 
 def _argument_type(annotation: Any) -> type:

@@ -44,20 +44,26 @@ def adamw_direction(
     beta1: float,
     beta2: float,
     eps: float,
+    correct_bias: bool = True,
+    hf_eps: bool = False,
 ) -> Tensor:
-    """Adam's direction, exactly as ``torch.optim.AdamW`` computes it.
+    """Adam's direction. ``m <- b1 m + (1 - b1) g``, ``v <- b2 v + (1 - b2) g^2`` (in place), then
 
-    ``m <- b1 m + (1 - b1) g``, ``v <- b2 v + (1 - b2) g^2`` (in place), and
+    - ``hf_eps=False`` (``torch.optim.AdamW``): ``D = (m / c1) / (sqrt(v) / sqrt(c2) + eps)``;
+    - ``hf_eps=True`` (Hugging Face's and ``galore_torch``'s AdamW): ``D = sqrt(c2) / c1 * m / (sqrt(v) + eps)``,
+      eps added to the raw ``sqrt(v)`` and the bias correction folded into the step size;
 
-        D = (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps)
-
-    ``step`` is t, counted from 1. Weight decay is not part of the direction: it is
-    decoupled and applied to the full weight by the caller.
+    with ``c1 = 1 - b1^t``, ``c2 = 1 - b2^t`` (both 1 if not ``correct_bias``). The two agree at
+    ``eps = 0``; otherwise the HF form's effective eps is ``eps / sqrt(c2)``, larger early on.
+    ``step`` is t, counted from 1. Weight decay is not part of the direction: it is decoupled
+    and applied to the full weight by the caller.
     """
     exp_avg.lerp_(grad, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    bias_correction1 = 1.0 - beta1**step
-    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+    bias_correction1 = 1.0 - beta1**step if correct_bias else 1.0
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step) if correct_bias else 1.0
+    if hf_eps:
+        return (exp_avg / exp_avg_sq.sqrt().add_(eps)).mul_(bias_correction2_sqrt / bias_correction1)
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     return (exp_avg / bias_correction1).div_(denom)
 

@@ -24,35 +24,63 @@ import torch
 from torch import Tensor
 
 from osd import quantization, sharded
+from osd.compat import compat_defaults, translate_reference_kwargs
 from osd.projectors import PROJECTORS, get_projector
 from osd.rules import PROJ_RULES, RULES, get_rule
 
-__all__ = ["SubspaceOptimizer", "PROJ_TYPES", "NONFINITE_POLICIES"]
+__all__ = ["SubspaceOptimizer", "PROJ_TYPES", "NONFINITE_POLICIES", "optimizer_keys"]
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 NONFINITE_POLICIES = ("raise", "skip")
 
-# Group keys the optimizer itself reads, with their defaults. The inner rule adds its own
-# (betas, eps, ...).
+# Group keys the optimizer itself reads, with their defaults. The projector adds its own
+# (``alpha``, ``ortho_reg``, ... for online PCA; ``svd_until``, ``total_steps`` for random)
+# and so does the inner rule (``betas``, ``eps``, ...).
 SUBSPACE_DEFAULTS: dict[str, Any] = {
     "rank": None,
     "update_proj_gap": 200,
     "scale": 1.0,
     "proj_type": "std",
-    "projector": "online_pca",
-    "alpha": 5.0,
-    "ortho_reg": 0.1,
-    "proj_optimizer": "adam",
-    "proj_optimizer_args": {},
-    "proj_lr_rule": "alpha",
-    "max_lr": None,
-    "svd_fraction": 0.0,
-    "total_steps": None,
     "seed": 0,
     "optim_bits": 32,
     "min_8bit_size": 4096,
     "max_grad_norm": None,
+    "decay_after_update": False,
 }
+
+# Keys that were renamed, with what to write instead.
+RENAMED_KEYS = {
+    "svd_fraction": "svd_fraction was renamed svd_until (same meaning: SVD refreshes for the first svd_until * total_steps "
+    "steps, random bases after; GoLore@20%, random for the last 20%, is svd_until=0.8)",
+}
+# Aliases other libraries use for a group key.
+KEY_ALIASES = {"projection_type": "proj_type"}  # pytorch_optimizer's GaLore
+
+
+def optimizer_keys(rule: str, projector: str) -> set[str]:
+    """Every keyword a :class:`SubspaceOptimizer` with this rule and projector takes."""
+    return set(SUBSPACE_DEFAULTS) | set(get_rule(rule).defaults) | set(get_projector(projector).defaults) | {"compat", "nonfinite"}
+
+
+def _owners(key: str) -> list[str]:
+    """Which rules and projectors take group key ``key`` (for error messages)."""
+    return [f"rule {name!r}" for name, rule in RULES.items() if key in rule.defaults] + [
+        f"projector {name!r}" for name, projector in PROJECTORS.items() if key in projector.defaults
+    ]
+
+
+def _refuse_foreign_keys(keys: Iterable[str], rule: str, projector: str, where: str) -> None:
+    """Raise ``TypeError`` for a key that belongs to another rule or projector, or was renamed."""
+    taken = set(SUBSPACE_DEFAULTS) | set(get_rule(rule).defaults) | set(get_projector(projector).defaults)
+    for key in keys:
+        if key in RENAMED_KEYS:
+            raise TypeError(f"{where}: {RENAMED_KEYS[key]}")
+        owners = _owners(key)
+        if key not in taken and owners:
+            raise TypeError(
+                f"{where}: {key!r} is a hyperparameter of {' and '.join(owners)}, not of this optimizer "
+                f"(rule {rule!r}, projector {projector!r}); it would be ignored"
+            )
 
 
 def _is_int(value: Any) -> bool:
@@ -89,15 +117,23 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         scale: factor on the projected-back update (GaLore's ``alpha``), projected params only.
         proj_type: side the projector acts on: ``"std"`` (smaller side), ``"reverse_std"``,
             ``"left"``, ``"right"``, as in ``galore_torch``.
+        compat: a reference implementation's conventions for the keys not given
+            (``"galore_torch"``, ``"osd_release"``; ``None``: torch's), see :mod:`osd.compat`.
+        decay_after_update: apply the decoupled weight decay after the update
+            (``W <- W' - lr wd W'``, Hugging Face / ``galore_torch``) instead of before it
+            (``torch.optim.AdamW``).
         alpha: OSD, ``lr_P = alpha * lr_W(t)`` (paper: 5).
         ortho_reg: OSD, ``lambda`` of the orthonormality term (paper: 0.1).
         proj_optimizer: OSD, optimizer of ``P``: ``"adam"``, ``"adamw"``, ``"lion"``, ``"sgd"``,
-            ``"adafactor"``; ``proj_optimizer_args`` overrides its hyperparameters.
+            ``"adafactor"``; ``proj_optimizer_args`` overrides its hyperparameters, e.g.
+            ``{"weight_decay": wd}`` for the paper's ``lambda^P = lambda^W`` (default 0 with
+            ``"adam"``: the paper's LLaMA runs use ``lambda^W = 0``, and decay pulls ``P``
+            towards 0 against its orthonormality).
         proj_lr_rule: OSD, ``"alpha"`` (paper) or ``"released"`` (``lr_W(t) / (max_lr * T)``);
             see :func:`osd.projectors.proj_lr`.
         max_lr: peak lr for ``proj_lr_rule="released"`` (default: the scheduler's ``initial_lr``).
-        svd_fraction, total_steps: GoLore, SVD for the first ``svd_fraction * total_steps``
-            steps, random after.
+        svd_until, total_steps: GoLore, SVD refreshes for the first ``svd_until * total_steps``
+            steps, random after (GoLore@20% = ``svd_until=0.8``).
         seed: seed of the random projections (each parameter derives its own).
         optim_bits: 32, or 8 for block-wise 8-bit moments (the inner rule's and ``P``'s
             optimizer's state; see :mod:`osd.quantization`); tensors under
@@ -121,19 +157,23 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         rule: str = "adamw",
         projector: str = "online_pca",
         nonfinite: str = "raise",
+        compat: str | None = None,
         **kwargs: Any,
     ) -> None:
-        inner = get_rule(rule)
-        get_projector(projector)
+        inner, proj = get_rule(rule), get_projector(projector)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-        unknown = set(kwargs) - set(SUBSPACE_DEFAULTS) - set(inner.defaults)
+        kwargs = translate_reference_kwargs(rule, lr, kwargs)
+        _refuse_foreign_keys(kwargs, rule, projector, type(self).__name__)
+        taken = {**SUBSPACE_DEFAULTS, **proj.defaults, **inner.defaults}
+        unknown = set(kwargs) - set(taken)
         if unknown:
             raise TypeError(
-                f"unknown hyperparameter(s) {sorted(unknown)} for rule {rule!r}; "
-                f"it takes {sorted(inner.defaults)} and the subspace keys {sorted(SUBSPACE_DEFAULTS)}"
+                f"unknown hyperparameter(s) {sorted(unknown)} for rule {rule!r} and projector {projector!r}; "
+                f"they take {sorted(taken)}"
             )
-        defaults = {"lr": lr, "rule": rule, **SUBSPACE_DEFAULTS, "projector": projector, **inner.defaults, **kwargs}
+        defaults = {"lr": lr, "rule": rule, "projector": projector, **taken, **compat_defaults(compat, rule, set(taken)), **kwargs}
+        self.compat = compat
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self._group_of: dict[int, dict[str, Any]] = {}
@@ -144,7 +184,22 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group, as ``torch.optim.Optimizer`` does, and check its hyperparameters."""
+        """Add a group, as ``torch.optim.Optimizer`` does, and check its hyperparameters.
+
+        A group may set another ``projector`` than the optimizer's (it then gets that
+        projector's defaults); keys that belong to a rule or projector the group does not use
+        are refused, so that nothing is silently ignored.
+        """
+        for alias, key in KEY_ALIASES.items():
+            if alias in param_group:
+                if key in param_group:
+                    raise TypeError(f"param group sets both {alias!r} and its alias {key!r}; keep one")
+                param_group = {**param_group, key: param_group[alias]}
+                del param_group[alias]
+        rule, projector = param_group.get("rule", self.defaults["rule"]), param_group.get("projector", self.defaults["projector"])
+        _refuse_foreign_keys([key for key in param_group if key != "params"], rule, projector, "param group")
+        own_defaults = {**get_projector(projector).defaults, **get_rule(rule).defaults}
+        param_group = {**{k: v for k, v in own_defaults.items() if k not in self.defaults}, **param_group}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -188,6 +243,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             raise ValueError(f"proj_type must be one of {PROJ_TYPES} (GaLore's 'full' is not supported), got {group['proj_type']!r}")
         if not _is_int(group["seed"]):
             raise ValueError(f"seed must be an int, got {group['seed']!r}")
+        if not isinstance(group["decay_after_update"], bool):
+            raise ValueError(f"decay_after_update must be True or False, got {group['decay_after_update']!r}")
         if group["optim_bits"] not in (8, 32) or isinstance(group["optim_bits"], bool):
             raise ValueError(f"optim_bits must be 8 or 32, got {group['optim_bits']!r}")
         if not _is_int(group["min_8bit_size"]) or group["min_8bit_size"] < 0:
@@ -338,13 +395,14 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 rule_input = R * (group["max_grad_norm"] / (norm + 1e-6)).clamp(max=1.0)
             direction = rule.direction(rule_input, state, hparams, state["step"] + 1, "")
             update = direction if P is None else P @ direction
-            update = rule.finalize(update, hparams)
+            update, scale = rule.finalize(update, group["scale"] if P is not None else 1.0, hparams)
 
-            lr = group["lr"]
-            if hparams["weight_decay"]:
-                p.mul_(1.0 - lr * hparams["weight_decay"])
-            scale = group["scale"] if P is not None else 1.0
+            lr, decay = group["lr"], hparams["weight_decay"]
+            if decay and not group["decay_after_update"]:
+                p.mul_(1.0 - lr * decay)
             p.add_(sharded.like_param(update.mT if state["transposed"] else update, p), alpha=-lr * scale)
+            if decay and group["decay_after_update"]:
+                p.add_(p, alpha=-lr * decay)  # W' - lr wd W', as Hugging Face's AdamW rounds it
             if G is not None:
                 projector.advance(state, G, R, grad_norm, group)
         state["step"] += 1

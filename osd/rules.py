@@ -46,8 +46,10 @@ class UpdateRule:
         init_state: ``(like, hparams, prefix) -> {key: zeros}``, the state for a gradient
             shaped like ``like``.
         direction: ``(grad, state, hparams, step, prefix) -> D``; ``step`` counts from 1.
-        finalize: applied to the full-size update after projecting back (identity for all
-            rules but Lion with ``sign_space="full"``).
+        finalize: ``(update, scale, hparams) -> (update, scale)``, applied to the full-size
+            update after projecting back, with the factor ``scale`` the caller will apply
+            (GaLore's ``scale``; 1 for full-rank weights). The identity for all rules but Lion
+            with ``sign_space="full"`` / ``"full_unscaled"``.
         nonnegative_states: state keys (without prefix) that are never negative; 8-bit
             storage spends all its codes on [0, 1] for them.
     """
@@ -57,7 +59,7 @@ class UpdateRule:
     validate: Callable[[dict[str, Any]], None]
     init_state: Callable[[Tensor, dict[str, Any], str], dict[str, Tensor]]
     direction: Callable[[Tensor, dict[str, Tensor], dict[str, Any], int, str], Tensor]
-    finalize: Callable[[Tensor, dict[str, Any]], Tensor] = lambda update, hparams: update
+    finalize: Callable[[Tensor, float, dict[str, Any]], tuple[Tensor, float]] = lambda update, scale, hparams: (update, scale)
     nonnegative_states: tuple[str, ...] = ()
 
     def hparams(self, source: dict[str, Any]) -> dict[str, Any]:
@@ -68,10 +70,20 @@ class UpdateRule:
 # --- AdamW ----------------------------------------------------------------------------
 
 
+EPS_PLACEMENTS = ("torch", "hf")
+
+
 def _adamw_validate(h: dict[str, Any]) -> None:
     _check_betas("betas", h["betas"])
     _check_nonnegative("eps", h["eps"])
     _check_nonnegative("weight_decay", h["weight_decay"])
+    if not isinstance(h["correct_bias"], bool):
+        raise ValueError(f"correct_bias must be True or False, got {h['correct_bias']!r}")
+    if h["eps_placement"] not in EPS_PLACEMENTS:
+        raise ValueError(
+            f"eps_placement must be one of {EPS_PLACEMENTS} ('torch': eps added to the bias-corrected sqrt(v), as "
+            f"torch.optim.AdamW; 'hf': to the raw sqrt(v), as Hugging Face's and galore_torch's AdamW), got {h['eps_placement']!r}"
+        )
 
 
 def _adamw_init(like: Tensor, h: dict, prefix: str) -> dict[str, Tensor]:
@@ -83,12 +95,14 @@ def _adamw_init(like: Tensor, h: dict, prefix: str) -> dict[str, Tensor]:
 
 def _adamw_direction(grad: Tensor, state: dict, h: dict, step: int, prefix: str) -> Tensor:
     beta1, beta2 = h["betas"]
-    return F.adamw_direction(grad, state[prefix + "exp_avg"], state[prefix + "exp_avg_sq"], step, beta1, beta2, h["eps"])
+    return F.adamw_direction(
+        grad, state[prefix + "exp_avg"], state[prefix + "exp_avg_sq"], step, beta1, beta2, h["eps"], h["correct_bias"], h["eps_placement"] == "hf"
+    )
 
 
 ADAMW = UpdateRule(
     name="adamw",
-    defaults={"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+    defaults={"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "correct_bias": True, "eps_placement": "torch"},
     validate=_adamw_validate,
     init_state=_adamw_init,
     direction=_adamw_direction,
@@ -98,7 +112,12 @@ ADAMW = UpdateRule(
 
 # --- Lion -----------------------------------------------------------------------------
 
-SIGN_SPACES = ("subspace", "full")
+# Where Lion takes its sign (``c = b1 m + (1 - b1) R``, ``r x n``):
+# "subspace": ``scale * P sign(c)``, the whole optimizer in the subspace (the paper's formulation);
+# "full": ``scale * sign(P c)``, entries +-scale;
+# "full_unscaled": ``sign(scale * P c) = sign(P c)``, entries +-1: the released OSD code, where
+#   ``scale`` has no effect.
+SIGN_SPACES = ("subspace", "full", "full_unscaled")
 
 
 def _lion_validate(h: dict[str, Any]) -> None:
@@ -117,8 +136,10 @@ def _lion_direction(grad: Tensor, state: dict, h: dict, step: int, prefix: str) 
     return F.lion_direction(grad, state[prefix + "exp_avg"], beta1, beta2, apply_sign=h["sign_space"] == "subspace")
 
 
-def _lion_finalize(update: Tensor, h: dict[str, Any]) -> Tensor:
-    return update.sign_() if h["sign_space"] == "full" else update
+def _lion_finalize(update: Tensor, scale: float, h: dict[str, Any]) -> tuple[Tensor, float]:
+    if h["sign_space"] == "subspace":
+        return update, scale
+    return update.sign_(), scale if h["sign_space"] == "full" else 1.0
 
 
 LION = UpdateRule(

@@ -101,9 +101,10 @@ def _subspace_kwargs(config: TrainConfig) -> dict[str, Any]:
         kwargs.update(rank=config.rank, update_proj_gap=config.update_proj_gap, scale=config.scale, seed=config.seed)
     if method == "osd":
         kwargs.update(alpha=config.alpha, ortho_reg=config.ortho_reg, proj_optimizer=config.proj_optimizer, proj_lr_rule=config.proj_lr_rule)
-    if method == "golore" and config.svd_fraction > 0:
-        kwargs.update(svd_fraction=config.svd_fraction, total_steps=config.total_steps)
-    return kwargs
+    extra = config.extra_optimizer_kwargs()
+    if method == "golore" and extra.get("svd_until"):
+        kwargs["total_steps"] = config.total_steps  # GoLore's switch is a fraction of the run
+    return {**kwargs, **extra}
 
 
 def build_training_model(config: TrainConfig, vocab_size: int, device: torch.device) -> torch.nn.Module:

@@ -92,7 +92,8 @@ def time_online_pca(grads: GradientStream, rank: int, with_R: bool, repeats: int
     """One OSD step of ``P`` with the optimizer's defaults (Adam on ``P``, alpha 5, lambda
     0.1). ``P`` starts from the SVD basis of a first gradient and keeps moving, with Adam's
     state, over the calls."""
-    projector, group = OnlinePCAProjector(), {**SUBSPACE_DEFAULTS, "lr": 1e-3}
+    projector = OnlinePCAProjector()
+    group = {**SUBSPACE_DEFAULTS, **projector.defaults, "lr": 1e-3}
     projector.validate(group)
     state: dict[str, Any] = {"step": 0, "transposed": False, "rank": rank, "seed": 0}
     projector.init_state(state, grads(), rank, group)

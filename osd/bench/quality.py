@@ -60,7 +60,7 @@ __all__ = ["METHODS", "Protocol", "build_parser", "prepare", "run", "run_protoco
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "adamw": ("adamw", {}),
     "galore": ("galore_adamw", {}),
-    "golore": ("golore_adamw", {"svd_fraction": 0.8}),
+    "golore": ("golore_adamw", {"optimizer_args": "svd_until=0.8"}),
     "osd": ("osd_adamw", {}),
     "osd_alpha": ("osd_adamw", {}),
 }
