@@ -7,8 +7,8 @@ The protocol (defaults; ``--quick`` scales it down for the test suite):
    projected matrices (attention and MLP) hold 60% of its parameters, not the 2% of a
    t5-vocabulary model.
 2. Budget: ``--passes`` (1) full passes over the training tokens, batch 16 x 128, linear
-   warmup (10%) then cosine to 10%, gradient clipping 1.0; validation on every full batch
-   of the held-out split.
+   warmup (10%) then cosine to 10%, gradient clipping 1.0; validation on the first 16 full
+   batches of the held-out split (32512 predicted tokens), 8 times per run and at the end.
 3. Methods, one rank for all (``--rank-fraction`` of the hidden size): full-rank AdamW
    (``torch.optim.AdamW``), GaLore, GoLore@20% (SVD for the first 80% of steps, random
    after, the GoLore paper's recipe), OSD at the paper's defaults (alpha 5, lambda 0.1, Adam
@@ -60,9 +60,9 @@ __all__ = ["METHODS", "Protocol", "build_parser", "prepare", "run", "run_protoco
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "adamw": ("adamw", {}),
     "galore": ("galore_adamw", {}),
-    "golore": ("golore_adamw", {"optimizer_args": "svd_until=0.8"}),
     "osd": ("osd_adamw", {}),
     "osd_alpha": ("osd_adamw", {}),
+    "golore": ("golore_adamw", {"optimizer_args": "svd_until=0.8"}),
 }
 PAPER_ALPHA = 5.0
 UNFINISHED = 3  # exit status when --max-minutes stopped the benchmark before the table
@@ -86,8 +86,8 @@ class Protocol:
     update_proj_gap: int = 50
     scale: float = 0.25
     val_docs: int = 100
-    evals: int = 12  # validation points per run
-    max_eval_batches: int = 10_000  # all full batches of the held-out split
+    evals: int = 8  # validation points per run
+    max_eval_batches: int = 16  # 16 x 16 x 127 = 32512 predicted tokens
     methods: tuple[str, ...] = tuple(METHODS)
     seeds: tuple[int, ...] = (0, 1, 2)
     adamw_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
@@ -268,12 +268,14 @@ def run_protocol(protocol: Protocol, runner: Runner) -> dict[str, Any]:
 
 
 def compare(summary: dict[str, dict[str, Any]], ordering: list[str]) -> list[dict[str, Any]]:
-    """Every pair (better first, by mean loss): the difference of mean losses, and whether it
-    exceeds the spread (the seeds' min–max ranges do not overlap)."""
+    """Every pair (better first, by mean loss) of methods with different runs: the difference
+    of mean losses, and whether it exceeds the spread (the seeds' min–max ranges do not overlap)."""
     pairs = []
     for i, a in enumerate(ordering):
         for b in ordering[i + 1 :]:
             sa, sb = summary[a], summary[b]
+            if [r["run_dir"] for r in sa["runs"]] == [r["run_dir"] for r in sb["runs"]]:
+                continue
             pairs.append({"better": a, "worse": b, "difference": sb["val_loss_mean"] - sa["val_loss_mean"],
                           "exceeds_spread": sa["val_loss_max"] < sb["val_loss_min"]})
     return pairs
@@ -370,15 +372,31 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     except (ConfigError, DataError) as error:
         return usage_error("quality", str(error))
     wall_s = sum(r["wall_s"] for r in _all_runs(out))
-    curves = {m: (s["runs"][0]["curve"]["tokens"], [r["curve"]["val_loss"] for r in s["runs"]]) for m, s in results["methods"].items()}
-    png = plot_curves(curves, out / "quality.png", "tokens", "validation loss (nats per token)",
+    png = plot_curves(_curves(results["methods"]), out / "quality.png", "tokens", "validation loss (nats per token)",
                       f"{protocol.model}, C4, best lr per method: mean and min–max over seeds {list(protocol.seeds)}",
-                      log_y=False, hlines={"unigram entropy of the validation tokens": protocol.derived["unigram_entropy"]})
+                      log_y=False, hlines={"unigram entropy of the validation tokens": protocol.derived["unigram_entropy"]},
+                      legend_loc="upper right")
     results.update(plot=str(png), wall_s=wall_s)
     json_path, md_path = write_results(out, "quality", argv, asdict(protocol), results, report(results, protocol, wall_s))
     print(md_path.read_text())
     log(f"wrote {json_path}, {md_path}, {png}")
     return 0
+
+
+def _curves(methods: dict[str, dict[str, Any]]) -> dict[str, tuple[list[float], list[list[float]]]]:
+    """Validation loss against tokens per method, one curve per distinct set of runs (OSD with
+    alpha tuned is labelled with OSD where the tuned alpha is the paper's)."""
+    curves: dict[str, tuple[list[float], list[list[float]]]] = {}
+    labels: dict[tuple[str, ...], str] = {}
+    for method, s in methods.items():
+        key = tuple(r["run_dir"] for r in s["runs"])
+        if key in labels:  # the same runs: rename the curve, keep its place (and colour)
+            old, labels[key] = labels[key], f"{labels[key]} = {method} ({_setting(s)})"
+            curves = {labels[key] if label == old else label: curve for label, curve in curves.items()}
+            continue
+        labels[key] = method
+        curves[method] = (s["runs"][0]["curve"]["tokens"], [r["curve"]["val_loss"] for r in s["runs"]])
+    return curves
 
 
 def _all_runs(out: Path) -> list[dict[str, Any]]:

@@ -149,6 +149,7 @@ def plot_curves(
     title: str,
     log_y: bool = True,
     hlines: Mapping[str, float] | None = None,
+    legend_loc: str = "best",
 ) -> Path:
     """One line per label: ``curves[label] = (x, [y of run 1, y of run 2, ...])``; the mean
     over runs is drawn, with the min–max band when there are several runs; ``hlines[label]``
@@ -169,7 +170,7 @@ def plot_curves(
         ax.axhline(y, color="black", linestyle="--", linewidth=1, label=label)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title, yscale="log" if log_y else "linear")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc=legend_loc, fontsize="small")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
