@@ -103,6 +103,9 @@ def timing(preset: str, rank: int, table: dict[str, Callable[[Tensor, int], Tens
     hidden, inter, layers = (PRESETS[preset][k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers"))
     shapes = {(hidden, hidden): 4 * layers, (min(hidden, inter), max(hidden, inter)): 3 * layers}
     generator = torch.Generator().manual_seed(0)
+    warm = torch.randn(64, 128, generator=generator)
+    for basis in table.values():  # load LAPACK / BLAS paths before timing
+        basis(warm, 8)
     totals = dict.fromkeys(table, 0.0)
     for (m, n), count in shapes.items():
         G = torch.randn(m, n, generator=generator)

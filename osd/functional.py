@@ -221,11 +221,12 @@ def randomized_basis(G: Tensor, rank: int, niter: int, generator: torch.Generato
     from ``generator`` (on the CPU, so every device draws the same one):
 
         Q = orth(G Omega);  niter times: Q = orth(G orth(G^T Q))
-        U_B S V^T = svd(Q^T G)                 (k x n, small)
+        B = Q^T G  (k x n);  U_B = eigenvectors of B B^T  (k x k, descending)
         basis = Q U_B[:, :rank]                (m x rank, orthonormal)
 
-    Cost ``2 (1 + 2 niter) m n k`` flops in matrix products plus QRs of ``m x k`` and
-    ``n x k`` matrices, against ``O(m n min(m, n))`` for a full SVD. Each power iteration
+    Cost ``2 (2 + 2 niter) m n k`` flops in matrix products plus QRs of ``m x k`` and
+    ``n x k`` matrices and an ``eigh`` of ``k x k``, against ``O(m n min(m, n))`` for a full
+    SVD. (An SVD of the ``k x n`` matrix ``B`` would cost as much as all the rest here.) Each power iteration
     raises the singular values' ratio that separates the subspace to the power ``2 niter + 1``;
     the principal angles to the exact subspace are measured in ``docs/performance.md``.
     """
@@ -236,8 +237,9 @@ def randomized_basis(G: Tensor, rank: int, niter: int, generator: torch.Generato
     Q = torch.linalg.qr(Gf @ omega).Q
     for _ in range(niter):
         Q = torch.linalg.qr(Gf @ torch.linalg.qr(Gf.mT @ Q).Q).Q
-    U_small = torch.linalg.svd(Q.mT @ Gf, full_matrices=False).U
-    return (Q @ U_small[:, :rank]).to(G.dtype).contiguous()
+    B = Q.mT @ Gf  # k x n: its left singular vectors from eigh(B B^T), k x k, not an SVD of B
+    _, U_small = torch.linalg.eigh(B @ B.mT)  # ascending eigenvalues
+    return (Q @ U_small[:, -rank:].flip(1)).to(G.dtype).contiguous()
 
 
 def random_basis(dim: int, rank: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -10,9 +10,11 @@ float32.
 
 The code maps, block scaling and dequantisation are torchao's (``torchao.optim``), the same
 as behind its ``AdamW8bit``; they are plain PyTorch ops, so they run on CPU and GPU alike.
-The nearest-code search is ``torch.bucketize`` over the midpoints of the map: torchao's
-branchless binary search is written to be fused by ``torch.compile`` and, run eagerly, is
-about 4x slower on this CPU; the codes are the same (ties round up in both). What is stored are two plain tensors, so ``state_dict()`` still loads with
+The nearest code is found by table lookup on a float's top 16 bits (:func:`_nearest_codes`),
+the same codes as ``torch.bucketize`` over the midpoints of the map (tested) at ~20x less
+time on this CPU; torchao's branchless binary search is written to be fused by
+``torch.compile`` and, run eagerly, is slower still (ties round up in all three).
+What is stored are two plain tensors, so ``state_dict()`` still loads with
 ``torch.load(weights_only=True)`` (torchao's tensor subclass would not).
 """
 
@@ -58,6 +60,36 @@ def _midpoints(signed: bool, device: torch.device) -> Tensor:
     return (code_map[1:] + code_map[:-1]) / 2
 
 
+@cache
+def _code_lookup(signed: bool, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Tables that find the nearest code without a search, keyed by a float32's top 16 bits
+    (sign, exponent and 7 mantissa bits), which fix the interval of floats it lies in:
+    ``below[k]``, how many midpoints of the code map lie below that interval, and
+    ``inside[k]``, the one midpoint inside it (+inf if none). Every interval holds at most
+    one midpoint (checked: the codes are 1.4% or more apart, the intervals 0.8% wide)."""
+    midpoints = _midpoints(signed, torch.device("cpu"))
+    patterns = [(k << 16) - (1 << 32) if k >= 1 << 15 else k << 16 for k in range(1 << 16)]
+    first = torch.tensor(patterns, dtype=torch.int32)
+    ends = (first.view(torch.float32), (first | 0xFFFF).view(torch.float32))
+    low, high = torch.minimum(*ends), torch.maximum(*ends)  # negative floats run backwards
+    below = torch.searchsorted(midpoints, low)
+    candidate = midpoints[below.clamp(max=len(midpoints) - 1)]
+    holds = (below < len(midpoints)) & (candidate <= high)
+    if ((torch.searchsorted(midpoints, high, right=True) - below) > 1).any():
+        raise AssertionError("an interval of the code lookup holds two midpoints")
+    inside = torch.where(holds, candidate, torch.tensor(math.inf))
+    return below.to(device=device, dtype=torch.uint8), inside.to(device)
+
+
+def _nearest_codes(scaled: Tensor, signed: bool) -> Tensor:
+    """``torch.bucketize(scaled, midpoints, right=True)`` as uint8 (the index of the nearest
+    code, ties rounding up), by table lookup (:func:`_code_lookup`): about 5x faster on a CPU."""
+    below, inside = _code_lookup(signed, scaled.device)
+    keys = (scaled.view(torch.int32) >> 16) & 0xFFFF
+    codes = below.index_select(0, keys)
+    return codes.add_(scaled >= inside.index_select(0, keys))
+
+
 def _padded_numel(numel: int) -> int:
     return math.ceil(numel / BLOCK_SIZE) * BLOCK_SIZE
 
@@ -75,14 +107,14 @@ def quantize(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     flat = x.detach().reshape(-1).float()
     missing = _padded_numel(flat.numel()) - flat.numel()
     blocks = (torch.nn.functional.pad(flat, (0, missing)) if missing else flat).view(-1, BLOCK_SIZE)
-    # torchao's block scaling (``quant_utils.scale_tensor``), with the maximum taken without an |x| temporary.
-    absmax = torch.linalg.vector_norm(blocks, ord=math.inf, dim=1).clip_(1e-12)
-    scaled = blocks / absmax.unsqueeze(1)
-    return torch.bucketize(scaled, _midpoints(signed, x.device), out_int32=True, right=True).to(torch.uint8).view(-1), absmax
+    # torchao's block scaling (``quant_utils.scale_tensor``).
+    absmax = blocks.abs().amax(1).clip_(1e-12)
+    scaled = (blocks / absmax.unsqueeze(1)).view(-1)
+    return _nearest_codes(scaled, signed), absmax
 
 
 def dequantize(codes: Tensor, absmax: Tensor, signed: bool, shape: torch.Size) -> Tensor:
     """The float32 tensor of ``shape`` that ``codes`` and ``absmax`` stand for."""
     # torchao's ``quant_utils.dequant_with_qmap``, scaling in place.
-    blocks = _code_map(signed, codes.device)[codes.int()].view(absmax.shape[0], -1).mul_(absmax.unsqueeze(1))
+    blocks = _code_map(signed, codes.device).index_select(0, codes.int()).view(absmax.shape[0], -1).mul_(absmax.unsqueeze(1))
     return blocks.view(-1)[: math.prod(shape)].view(shape)

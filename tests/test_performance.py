@@ -152,3 +152,42 @@ def test_compiled_step_equals_the_eager_one(compile_works, name: str, shape: tup
         weights.append(w.detach().clone())
     w0 = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     assert ((weights[1] - weights[0]).norm() / (weights[0] - w0).norm()) < 1e-5
+
+
+def test_adamw_direction_through_torchs_kernel_is_the_reference_maths() -> None:
+    """The inner AdamW direction (torch's fused kernel stepping a zero buffer with lr = -1)
+    against :func:`osd.functional.adamw_direction`, the maths written out, over 6 steps."""
+    from osd.rules import RULES
+
+    rule = RULES["adamw"]
+    hparams = rule.hparams({"betas": (0.9, 0.95), "eps": 1e-8})
+    grads = gradient_stream((12, 40), 6, seed=5)
+    ours = rule.init_state(grads[0], hparams, "")
+    reference = {k: v.clone() for k, v in ours.items()}
+    for t, grad in enumerate(grads, start=1):
+        direction = rule.direction(grad, ours, hparams, t, "")
+        expected = F.adamw_direction(grad, reference["exp_avg"], reference["exp_avg_sq"], t, 0.9, 0.95, 1e-8)
+        torch.testing.assert_close(direction, expected, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ours["exp_avg_sq"], reference["exp_avg_sq"], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_code_lookup_finds_the_codes_bucketize_finds(signed: bool) -> None:
+    """8-bit quantisation's table lookup against ``torch.bucketize`` over the code map's
+    midpoints: random values at three scales, every midpoint, its float neighbours, zeros."""
+    from osd import quantization
+
+    midpoints = quantization._midpoints(signed, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    values = torch.cat([
+        torch.rand(50_000, generator=gen) * 2 - 1,
+        torch.randn(50_000, generator=gen) * 1e-3,
+        torch.randn(50_000, generator=gen) * 1e-6,
+        midpoints,
+        torch.nextafter(midpoints, torch.tensor(float("inf"))),
+        torch.nextafter(midpoints, torch.tensor(float("-inf"))),
+        torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-12, -1e-12, 1e-40, -1e-40]),
+    ])
+    values = values if signed else values.abs()
+    expected = torch.bucketize(values, midpoints, right=True).to(torch.uint8)
+    assert torch.equal(quantization._nearest_codes(values, signed), expected)

@@ -76,7 +76,7 @@ def make_optimizer(model: torch.nn.Module, name: str, rank: int, gap: int) -> to
     """``name`` as ``osd train`` builds it (lr 1e-3, scale 0.25, no weight decay); AdamW is
     torch's with ``foreach=True`` (``adamw_fused``: ``fused=True``); ``*_8bit``: ``optim_bits=8``."""
     if name in ("adamw", "adamw_fused"):
-        return create_optimizer(model, "adamw", lr=1e-3, **({"fused": True} if name == "adamw_fused" else {"foreach": True}))
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, **({"fused": True} if name == "adamw_fused" else {"foreach": True}))
     bits = {"optim_bits": 8} if name.endswith(EIGHT_BIT) else {}
     return create_optimizer(model, name.removesuffix(EIGHT_BIT), lr=1e-3, rank=rank, update_proj_gap=gap, scale=0.25, **bits)
 
