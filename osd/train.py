@@ -21,7 +21,10 @@ import contextlib
 import json
 import math
 import resource
+import signal
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from osd import checkpoint, distributed
-from osd.config import ConfigError, TrainConfig, build_parser, config_from_args
+from osd.checkpoint import CheckpointError
+from osd.config import MAY_CHANGE, ConfigError, TrainConfig, build_parser, config_from_args
 from osd.data import DataError, PackedBatches, load_documents, load_tokenizer, validation_batches
 from osd.layerwise import LayerwiseUpdates
 from osd.memory import state_bytes
@@ -40,7 +44,7 @@ from osd.presets import create_optimizer
 from osd.schedule import warmup_cosine
 from osd.spread import spread_refreshes
 
-__all__ = ["train", "train_step", "build_training_model", "build_optimizer", "evaluate", "main", "run"]
+__all__ = ["train", "train_step", "build_training_model", "build_optimizer", "evaluate", "main", "run", "RunError", "Interrupted", "DivergenceCheck"]
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -74,7 +78,7 @@ def evaluate(
     model.train(was_training)
     total, count = distributed.all_sum([total, count], parallel)
     mean = total / count
-    return mean, math.exp(mean)
+    return mean, math.exp(mean) if not mean > 709.0 else math.inf  # exp overflows a float past 709
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -196,21 +200,199 @@ def _parallel(config: TrainConfig) -> distributed.Parallel:
     return parallel
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines logged after the checkpoint a run resumes from."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in lines))
+class RunError(RuntimeError):
+    """A run that failed after it started (divergence, a failed save, a full disk), named in one line."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the run finished its step and saved a checkpoint."""
+
+    def __init__(self, signum: int, step: int, path: Path) -> None:
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name} after step {step}; checkpoint saved to {path}; "
+            "to continue, run the same command with --resume"
+        )
+        self.signum = signum
+
+
+class StopRequests:
+    """Within the block, SIGINT and SIGTERM only set :attr:`signum`, so that the loop can
+    finish its step and save; the first one also restores the previous handlers, so a
+    second Ctrl-C interrupts at once (the atomic save keeps the last checkpoint whole)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+    def requested(self, parallel: distributed.Parallel) -> int | None:
+        """The signal that asked to stop, on any rank (every rank stops at the same step)."""
+        if parallel.world_size == 1:
+            return self.signum
+        anywhere = distributed.all_sum([float(self.signum is not None)], parallel)[0] > 0
+        return (self.signum or signal.SIGTERM) if anywhere else None
+
+
+class DivergenceCheck:
+    """The divergence policy of ``osd train``: a run has diverged when its train loss is
+
+    * non-finite (NaN / Inf), or
+    * above ``2 ln(vocab)``: twice the loss of predicting every token uniformly (a fresh
+      model starts near ``ln(vocab)``), or
+    * within ``1e-4`` of ``ln(vocab)`` on ``patience`` steps in a row: the model has
+      collapsed to the uniform prediction (what ``--lr 1e4`` does), and learns nothing more.
+
+    A diverged run stops without saving, so the last checkpoint is from before; it exits 1.
+    """
+
+    def __init__(self, vocab_size: int, patience: int = 3) -> None:
+        self.uniform, self.patience, self._at_uniform = math.log(vocab_size), patience, 0
+
+    def __call__(self, loss: float) -> str | None:
+        """Why the run has diverged with this step's ``loss``, or None."""
+        if not math.isfinite(loss):
+            return f"the train loss is {loss}"
+        if loss > 2 * self.uniform:
+            return f"the train loss {loss:.4g} exceeds 2 ln(vocab) = {2 * self.uniform:.4g}"
+        self._at_uniform = self._at_uniform + 1 if abs(loss - self.uniform) < 1e-4 else 0
+        if self._at_uniform >= self.patience:
+            return f"the train loss has been ln(vocab) = {self.uniform:.4f} for {self.patience} steps: the model predicts the uniform distribution"
+        return None
+
+
+# --------------------------------------------------------------------------- the run directory
+
+
+def check_out_dir(config: TrainConfig) -> Path:
+    """``--out-dir``, created if missing and checked writable: refuses a file, an unwritable
+    directory, ``--resume`` without a checkpoint there and, without ``--resume`` or
+    ``--overwrite``, a non-empty directory (a previous run's files are never replaced silently)."""
+    out_dir = Path(config.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out-dir {out_dir} is a file, not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as error:
+        raise ConfigError(f"--out-dir {out_dir} is not writable: {error.strerror or error}") from None
+    checkpoint_path = out_dir / "checkpoint.pt"
+    if config.resume and not checkpoint_path.is_file():
+        raise ConfigError(f"--resume: no checkpoint at {checkpoint_path}, so nothing to resume (drop --resume to start a new run)")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not config.resume and entries and not config.overwrite:
+        raise ConfigError(
+            f"--out-dir {out_dir} is not empty ({', '.join(entries[:4])}{' ...' if len(entries) > 4 else ''}): "
+            "pass --resume to continue its run, --overwrite to start afresh there, or another --out-dir"
+        )
+    return out_dir
+
+
+def restore(
+    path: Path, config: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batches: PackedBatches
+) -> tuple[int, int]:
+    """Load checkpoint ``path`` into the run; return its ``(step, tokens)``.
+
+    Refuses (:class:`ConfigError` / :class:`CheckpointError`, one line) a checkpoint trained
+    with other settings (each difference named; ``--allow-change`` lets the step budget
+    change), one at or past where this run stops, and one whose model or optimizer does not
+    fit this run's.
+    """
+    saved = checkpoint.load(path, checkpoint.KEYS)
+    if not isinstance(saved["config"], dict):
+        raise CheckpointError(f"checkpoint {path} has no run configuration to compare with")
+    differences = config.resume_differences(saved["config"])
+    if differences:
+        budget = [d for d in differences if d.split()[0][2:].replace("-", "_") in MAY_CHANGE]
+        hint = f"; add --allow-change {','.join(d.split()[0][2:] for d in budget)} to continue with the new budget" if budget else ""
+        raise ConfigError(f"--resume: {path} was trained with other settings: {'; '.join(differences)}{hint}")
+    step = saved["step"]
+    stop = min(config.total_steps, config.stop_at_step or config.total_steps)
+    if step >= stop:
+        raise ConfigError(f"--resume: the checkpoint is at step {step}, and this run stops at step {stop}; raise --steps (with --allow-change steps) to train on")
+    _check_model_state(path, distributed.unwrap(model).state_dict(), saved["model"])
+    for part, load in [
+        ("model", lambda: distributed.load_model_state_dict(model, saved["model"])),
+        ("optimizer", lambda: distributed.load_optimizer_state_dict(optimizer, saved["optimizer"])),
+        ("lr scheduler", lambda: scheduler.load_state_dict(saved["scheduler"])),
+        ("data position", lambda: batches.load_state_dict(saved["data"])),
+        ("RNG states", lambda: checkpoint.set_rng_state(saved["rng"])),
+    ]:
+        try:
+            load()
+        except DataError:
+            raise
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as error:
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise CheckpointError(f"checkpoint {path} does not fit this run's {part}: {reason}") from None
+    return step, saved["tokens"]
+
+
+def _check_model_state(path: Path, expected: dict[str, torch.Tensor], saved: Any) -> None:
+    """Refuse a saved model state with other keys or shapes than the model's, naming the first."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {path}: 'model' is a {type(saved).__name__}, not a state dict")
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} holds another model: {len(missing)} of this model's tensors missing "
+            f"({', '.join(missing[:2])}), {len(unexpected)} unknown ({', '.join(unexpected[:2])})"
+        )
+    for name, tensor in expected.items():
+        if not isinstance(saved[name], torch.Tensor) or saved[name].shape != tensor.shape:
+            shape = tuple(saved[name].shape) if isinstance(saved[name], torch.Tensor) else type(saved[name]).__name__
+            raise CheckpointError(f"checkpoint {path} holds another model: {name} is {shape} there, {tuple(tensor.shape)} here")
+
+
+def start_run_files(out_dir: Path, config: TrainConfig, resumed_step: int) -> None:
+    """Once every check has passed: drop the metrics logged after the checkpoint a run resumes
+    from, or a replaced run's files (``--overwrite``); then write ``config.json``."""
+    metrics_path = out_dir / "metrics.jsonl"
+    try:
+        if config.resume:
+            if metrics_path.exists():
+                lines = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_step]
+                metrics_path.write_text("".join(line + "\n" for line in lines))
+        else:
+            for name in ("metrics.jsonl", "checkpoint.pt", "checkpoint.pt.tmp"):
+                (out_dir / name).unlink(missing_ok=True)
+        (out_dir / "config.json").write_text(config.to_json())
+    except OSError as error:
+        raise RunError(f"cannot write to --out-dir {out_dir}: {error.strerror or error}") from None
+    except json.JSONDecodeError as error:
+        raise RunError(f"{metrics_path} is not JSON lines ({error}); move it away to resume") from None
+
+
+# --------------------------------------------------------------------------- training
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) the training described by ``config``; return the final metrics."""
+    """Run (or resume) the training described by ``config``; return the final metrics.
+
+    Nothing in ``--out-dir`` changes until every check has passed (settings, data, tokenizer,
+    model, checkpoint). Raises :class:`RunError` on divergence or a failed save (the last
+    checkpoint kept) and :class:`Interrupted` after saving on SIGINT/SIGTERM.
+    """
     parallel = _parallel(config)
     device = parallel.device
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if parallel.is_main:
-        (out_dir / "config.json").write_text(config.to_json())
+    out_dir = check_out_dir(config)
     checkpoint_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
 
     train_docs = load_documents(config.data, "train", val_docs=config.val_docs)
@@ -228,42 +410,31 @@ def train(config: TrainConfig) -> dict[str, Any]:
     scheduler = warmup_cosine(optimizer, config.warmup, config.total_steps, config.min_lr_ratio)
 
     step, tokens_seen = 0, 0
-    if config.resume and checkpoint_path.exists():
-        saved = checkpoint.load(checkpoint_path)
-        distributed.load_model_state_dict(model, saved["model"])
-        distributed.load_optimizer_state_dict(optimizer, saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        batches.load_state_dict(saved["data"])
-        checkpoint.set_rng_state(saved["rng"])
-        step, tokens_seen = saved["step"], saved["tokens"]
-        if parallel.is_main:
-            _truncate_metrics(metrics_path, step)
-    elif metrics_path.exists() and parallel.is_main:
-        metrics_path.unlink()
+    if config.resume:
+        step, tokens_seen = restore(checkpoint_path, config, model, optimizer, scheduler, batches)
+    if parallel.is_main:
+        start_run_files(out_dir, config, step)
+    saved_step = step if config.resume else None
 
     def save() -> None:
         # Gathering sharded tensors is collective: every rank takes part, rank 0 writes.
+        nonlocal saved_step
         state = {"model": distributed.model_state_dict(model), "optimizer": distributed.optimizer_state_dict(optimizer)}
-        if not parallel.is_main:
-            return
-        checkpoint.atomic_save(
-            {
-                **state,
-                "scheduler": scheduler.state_dict(),
-                "data": batches.state_dict(),
-                "rng": checkpoint.rng_state(),
-                "step": step,
-                "tokens": tokens_seen,
-                "config": json.loads(config.to_json()),
-            },
-            checkpoint_path,
-        )
+        if parallel.is_main:
+            extra = {"scheduler": scheduler.state_dict(), "data": batches.state_dict(), "rng": checkpoint.rng_state()}
+            run = {"step": step, "tokens": tokens_seen, "config": json.loads(config.to_json())}
+            try:
+                checkpoint.atomic_save({**state, **extra, **run}, checkpoint_path)
+            except CheckpointError as error:
+                raise RunError(f"{error}; the run stops at step {step}") from None
+        saved_step = step
 
     last_step = min(config.total_steps, config.stop_at_step or config.total_steps)
+    diverged = DivergenceCheck(tokenizer.vocab_size) if config.divergence_check else lambda loss: None
     record: dict[str, Any] = {}
     state_total: int | None = None
     bar = tqdm(total=config.total_steps, initial=step, desc=config.optimizer, disable=not (config.progress and parallel.is_main), file=sys.stderr)
-    with metrics_path.open("a") if parallel.is_main else contextlib.nullcontext() as metrics:
+    with StopRequests() as stop, metrics_path.open("a") if parallel.is_main else contextlib.nullcontext() as metrics:
         while step < last_step:
             started = time.perf_counter()
             # Every rank reads the whole global step (the batches one process would read) and
@@ -271,7 +442,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
             micro_batches = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(config.accumulation)]
             read_tokens = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
             lr = optimizer.param_groups[0]["lr"]
-            train_loss = train_step(model, optimizer, micro_batches, config.grad_clip, layerwise, parallel, config.spread_svd)
+            try:
+                train_loss = train_step(model, optimizer, micro_batches, config.grad_clip, layerwise, parallel, config.spread_svd)
+            except FloatingPointError as error:  # a subspace optimizer refuses a non-finite gradient
+                train_loss, cause = math.nan, str(error).split(";")[0]
+            else:
+                cause = diverged(train_loss)
             scheduler.step()
             if config.check_sync:
                 distributed.check_replicas(model, optimizer, parallel)
@@ -288,17 +464,31 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "optimizer_state_bytes": state_total,
                 "peak_memory_bytes": peak_memory_bytes(device),
             }
-            if step % config.eval_interval == 0 or step == config.total_steps:
+            if cause is None and (step % config.eval_interval == 0 or step == config.total_steps):
                 record["val_loss"], record["val_ppl"] = evaluate(model, val_batches, device, parallel)
             if metrics is not None:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                _write_metrics(metrics, record, saved_step)
+            if cause is not None:
+                kept = f"the checkpoint of step {saved_step} is kept" if saved_step is not None else "no checkpoint was written"
+                raise RunError(f"training diverged at step {step}: {cause}; stopped without saving ({kept}); lower --lr (now {config.lr}) or lengthen the warmup")
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", **({"val_ppl": f"{record['val_ppl']:.2f}"} if "val_ppl" in record else {}))
             bar.update()
-            if (config.save_interval and step % config.save_interval == 0) or step == last_step:
+            signum = stop.requested(parallel)
+            if (config.save_interval and step % config.save_interval == 0) or step == last_step or signum:
                 save()
+            if signum:
+                raise Interrupted(signum, step, checkpoint_path)
     bar.close()
     return record
+
+
+def _write_metrics(metrics: Any, record: dict[str, Any], saved_step: int | None) -> None:
+    try:
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+    except OSError as error:
+        kept = f"the checkpoint of step {saved_step} is kept" if saved_step is not None else "no checkpoint was written"
+        raise RunError(f"cannot write {metrics.name}: {error.strerror or error}; the run stops at step {record['step']} ({kept})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,15 +497,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train from parsed ``osd train`` arguments; bad input is one line on stderr, status 2."""
+    """Train from parsed ``osd train`` arguments. Every failure is one line on stderr: bad
+    input (settings, data, a checkpoint that does not fit) exits 2, a run that fails
+    (divergence, a failed save) 1, an interrupted one ``128 + signal`` after saving."""
     try:
         config = config_from_args(args)
         with distributed.launched(config.device):
             result = train(config)
             main_process = distributed.is_main_process()
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, CheckpointError) as error:
         print(f"osd train: error: {error}", file=sys.stderr)
         return 2
+    except RunError as error:
+        print(f"osd train: error: {error}", file=sys.stderr)
+        return 1
+    except Interrupted as interrupted:
+        print(f"osd train: {interrupted}", file=sys.stderr)
+        return 128 + interrupted.signum
     if "val_ppl" in result and main_process:
         print(f"step {result['step']}: validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}")
     return 0
