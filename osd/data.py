@@ -18,6 +18,7 @@ line meant for the user.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import importlib
@@ -349,7 +350,8 @@ def _load_file(path: str, text_field: str, cache_dir: str | os.PathLike | None) 
     if os.path.getsize(path) == 0:
         raise DataError(f"{path} is empty (0 bytes)")
     try:
-        dataset = datasets.load_dataset(builder, data_files=[path], split="train", cache_dir=cache_dir)
+        with _no_progress_bars():
+            dataset = datasets.load_dataset(builder, data_files=[path], split="train", cache_dir=cache_dir)
     except DatasetGenerationError as e:  # its own message is generic; the cause says what is wrong
         raise DataError(f"cannot read {path}: {_one_line(e.__cause__ or e)}") from e
     except (OSError, EOFError, ValueError, StopIteration) as e:  # broken gzip, not Parquet, no record ...
@@ -366,6 +368,19 @@ def _load_file(path: str, text_field: str, cache_dir: str | os.PathLike | None) 
     if feature.dtype == "large_string":  # so that it concatenates with the files that have "string"
         dataset = dataset.cast_column(text_field, datasets.Value("string"))
     return dataset
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Without ``datasets``' progress bars (a local file reads in moments; its bars would
+    bury the one line that names a problem), restoring the setting after."""
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
 
 
 def _non_blank_rows(dataset: datasets.Dataset, text_field: str) -> np.ndarray:

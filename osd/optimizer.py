@@ -462,7 +462,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if "proj" in state:
             if p.dim() != 2 or state.get("rank") != group["rank"]:
                 raise ValueError(f"the saved state of parameter {name} is projected at rank {state.get('rank')}; this optimizer has rank {group['rank']} for its shape {shape}")
-            m, n = shape[::-1] if state["transposed"] else shape
+            m, n = shape[::-1] if _transposed(p.shape, group["proj_type"]) else shape
             meta = torch.empty(m, group["rank"], device="meta")
             expected = {"proj": meta.shape}
             if group["projector"] == "online_pca":

@@ -260,14 +260,24 @@ class DivergenceCheck:
     * within ``1e-4`` of ``ln(vocab)`` on ``patience`` steps in a row: the model has
       collapsed to the uniform prediction (what ``--lr 1e4`` does), and learns nothing more.
 
+    ``patience=math.inf`` turns the check off (``--no-divergence-check``).
+
     A diverged run stops without saving, so the last checkpoint is from before; it exits 1.
+    While the loss sits at ``ln(vocab)`` but not yet for ``patience`` steps, :attr:`suspect`
+    is true and periodic saves wait, so that no collapsed model replaces a good checkpoint.
     """
 
-    def __init__(self, vocab_size: int, patience: int = 3) -> None:
+    def __init__(self, vocab_size: int, patience: float = 3) -> None:
         self.uniform, self.patience, self._at_uniform = math.log(vocab_size), patience, 0
+
+    @property
+    def suspect(self) -> bool:
+        return self._at_uniform > 0
 
     def __call__(self, loss: float) -> str | None:
         """Why the run has diverged with this step's ``loss``, or None."""
+        if self.patience == math.inf:  # the check is off
+            return None
         if not math.isfinite(loss):
             return f"the train loss is {loss}"
         if loss > 2 * self.uniform:
@@ -294,7 +304,7 @@ def check_out_dir(config: TrainConfig) -> Path:
     except OSError as error:
         raise ConfigError(f"--out-dir {out_dir} is not writable: {error.strerror or error}") from None
     checkpoint_path = out_dir / "checkpoint.pt"
-    if config.resume and not checkpoint_path.is_file():
+    if config.resume and not checkpoint_path.exists():
         raise ConfigError(f"--resume: no checkpoint at {checkpoint_path}, so nothing to resume (drop --resume to start a new run)")
     entries = sorted(p.name for p in out_dir.iterdir())
     if not config.resume and entries and not config.overwrite:
@@ -430,7 +440,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         saved_step = step
 
     last_step = min(config.total_steps, config.stop_at_step or config.total_steps)
-    diverged = DivergenceCheck(tokenizer.vocab_size) if config.divergence_check else lambda loss: None
+    diverged = DivergenceCheck(tokenizer.vocab_size, patience=3 if config.divergence_check else math.inf)
     record: dict[str, Any] = {}
     state_total: int | None = None
     bar = tqdm(total=config.total_steps, initial=step, desc=config.optimizer, disable=not (config.progress and parallel.is_main), file=sys.stderr)
@@ -474,7 +484,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", **({"val_ppl": f"{record['val_ppl']:.2f}"} if "val_ppl" in record else {}))
             bar.update()
             signum = stop.requested(parallel)
-            if (config.save_interval and step % config.save_interval == 0) or step == last_step or signum:
+            periodic = config.save_interval and step % config.save_interval == 0 and not diverged.suspect
+            if periodic or step == last_step or signum:
                 save()
             if signum:
                 raise Interrupted(signum, step, checkpoint_path)
