@@ -211,7 +211,7 @@ def test_out_dir_that_is_read_only(tmp_path: Path, capsys, monkeypatch) -> None:
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr("osd.train.tempfile.TemporaryFile", read_only)  # root ignores chmod, so the OS error is simulated
+    monkeypatch.setattr("osd.runs.tempfile.TemporaryFile", read_only)  # root ignores chmod, so the OS error is simulated
     status, err = osd_train(capsys, "--out-dir", str(tmp_path / "ro"))
     assert status == 2 and err.endswith(f"--out-dir {tmp_path / 'ro'} is not writable: Read-only file system")
 
@@ -239,6 +239,7 @@ def test_out_dir_the_os_refuses(capsys) -> None:
         (["--lr", "0.01", "--scale", "0.5"], "--lr 0.001 -> 0.01; --scale 0.25 -> 0.5"),
         (["--steps", "6"], "--steps 4 -> 6; add --allow-change steps to continue with the new budget"),
     ],
+    ids=["optimizer", "rank", "lr", "optim-bits", "seq-len", "seed", "two-settings", "steps"],
 )
 def test_resume_with_other_settings_names_each_difference(args: list[str], message: str, previous: Path, capsys) -> None:
     before = snapshot(previous)
@@ -258,7 +259,9 @@ def test_resume_with_settings_that_change_nothing_is_exact(previous: Path, runs:
     assert_resumes_exactly(previous, runs, capsys, "--eval-interval", "2", "--save-interval", "3", "--divergence-check")
 
 
-@pytest.mark.parametrize("args,message", [([], "the checkpoint is at step 4, and this run stops at step 4"), (["--stop-at-step", "1"], "")])
+@pytest.mark.parametrize(
+    "args,message", [([], "the checkpoint is at step 4, and this run stops at step 4"), (["--stop-at-step", "1"], "")], ids=["finished", "past-the-stop"]
+)
 def test_resume_of_a_finished_run_or_past_the_stop_is_refused(args: list[str], message: str, runs: dict[str, Path], previous: Path, capsys) -> None:
     source = runs["full"] if not args else previous
     before = snapshot(source)
@@ -383,6 +386,7 @@ def test_a_failed_save_fails_the_run_and_keeps_the_previous_checkpoint(code: int
         (["--lr", "10", "--optimizer", "adamw"], "exceeds 2 ln(vocab) = 11.1"),
         (["--lr", "10", "--optimizer", "osd_adamw"], "exceeds 2 ln(vocab) = 11.1"),
     ],
+    ids=["collapse-adamw", "explode-adamw", "explode-osd"],
 )
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(args: list[str], message: str, tmp_path: Path, capsys) -> None:
     run_dir = tmp_path / "diverged"
@@ -394,7 +398,9 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(args: list[
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, step + 1))  # what happened, logged
 
 
-@pytest.mark.parametrize("optimizer,message", [("adamw", "the train loss is nan"), ("osd_adamw", "non-finite gradient (NaN or Inf) in parameter")])
+@pytest.mark.parametrize(
+    "optimizer,message", [("adamw", "the train loss is nan"), ("osd_adamw", "non-finite gradient (NaN or Inf) in parameter")], ids=["adamw", "osd_adamw"]
+)
 def test_a_nan_loss_stops_the_run(optimizer: str, message: str, tmp_path: Path, capsys, monkeypatch) -> None:
     import osd.train as train_module
 
@@ -442,6 +448,20 @@ def test_a_signal_finishes_the_step_saves_and_says_how_to_resume(signum: int, tm
     assert metrics(run_dir) == metrics(tmp_path / "whole")
 
 
+def test_an_immediate_interrupt_is_one_line_too(previous: Path, capsys, monkeypatch) -> None:
+    """A second Ctrl-C (or one before the first step) interrupts at once: one line, status
+    130, and the last complete checkpoint stays."""
+    import osd.train as train_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    before = snapshot(previous)
+    monkeypatch.setattr(train_module, "train_step", interrupted)
+    status, err = osd_train(capsys, *STEPS, "--out-dir", str(previous), "--resume")
+    assert status == 130 and "interrupted at once" in err and snapshot(previous)["checkpoint.pt"] == before["checkpoint.pt"]
+
+
 # --------------------------------------------------------------------------- the optimizer API
 
 
@@ -464,6 +484,7 @@ def matrix(shape=(8, 12), seed: int = 0) -> torch.nn.Parameter:
         ({"proj_optimizer_args": {"eps": float("inf")}}, "proj_optimizer_args['eps'] must be finite"),
         ({"lr": torch.tensor(float("inf"))}, "lr must be finite"),
     ],
+    ids=["lr-inf", "lr-nan", "scale", "alpha", "ortho_reg", "eps", "weight_decay", "betas", "max_grad_norm", "proj_optimizer_args", "lr-tensor"],
 )
 def test_non_finite_hyperparameters_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -536,7 +557,7 @@ def test_the_same_optimizers_state_still_loads_and_continues_exactly() -> None:
     assert all(torch.equal(a.state_dict()["state"][0][k], b.state_dict()["state"][0][k]) for k in ("proj", "exp_avg"))
 
 
-@pytest.mark.parametrize("hidden,expected", [(64, "all projected weights"), (192, "3 of the 7 projected weights")])
+@pytest.mark.parametrize("hidden,expected", [(64, "all projected weights"), (192, "3 of the 7 projected weights")], ids=["all", "some"])
 def test_rank_above_a_weights_sides_gives_a_notice(hidden: int, expected: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
