@@ -23,6 +23,15 @@ class ConfigError(ValueError):
     """A bad setting, named in one line."""
 
 
+# Settings that do not change what a resumed run computes: free to differ from the checkpoint's.
+FREE_ON_RESUME = frozenset(
+    {"out_dir", "resume", "overwrite", "allow_change", "stop_at_step", "save_interval", "progress", "eval_interval",
+     "eval_batches", "device", "fsdp", "spread_svd", "check_sync", "divergence_check"}
+)
+# Settings that change the run but may continue from a checkpoint, when --allow-change names them.
+MAY_CHANGE = ("steps", "tokens")
+
+
 def _help(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
 
@@ -80,9 +89,12 @@ class TrainConfig:
     # run
     seed: int = _help("seed of the model, the data order and random projections", default=0)
     out_dir: str = _help("directory for metrics.jsonl, config.json and checkpoint.pt", default="runs/latest")
-    save_interval: int = _help("checkpoint every N steps (0: only at the end)", default=0)
-    resume: bool = _help("continue from out_dir/checkpoint.pt", default=False)
+    save_interval: int = _help("checkpoint every N steps (0: only at the end and on SIGINT/SIGTERM)", default=100)
+    resume: bool = _help("continue from out_dir/checkpoint.pt (refused if it is missing or was trained with other settings)", default=False)
+    overwrite: bool = _help("start afresh in a non-empty out_dir, replacing its metrics.jsonl, config.json and checkpoint.pt", default=False)
+    allow_change: str | None = _help(f"with --resume, settings that may differ from the checkpoint's (comma list of: {', '.join(MAY_CHANGE)})", default=None)
     stop_at_step: int | None = _help("stop (with a checkpoint) after this step, as if interrupted", default=None)
+    divergence_check: bool = _help("stop (exit 1, keeping the last checkpoint) when the train loss is non-finite, above 2 ln(vocab) or stuck at ln(vocab)", default=True)
     device: str = _help("'auto', 'cpu' or 'cuda'", default="auto")
     progress: bool = _help("show a tqdm progress bar", default=True)
     # distributed (under torchrun)
@@ -99,13 +111,30 @@ class TrainConfig:
             raise ConfigError(f"unknown model preset {self.model!r}; known presets: {', '.join(PRESETS)}")
         if self.optimizer not in optimizer_names():
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(optimizer_names())}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
         positive = ["lr", "rank", "update_proj_gap", "scale", "alpha", "steps", "batch_size", "seq_len", "eval_interval", "eval_batches"]
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        for name in ["weight_decay", "grad_clip", "ortho_reg", "save_interval", "val_docs"]:
-            if getattr(self, name) < 0:
+        for name in ["weight_decay", "grad_clip", "ortho_reg", "save_interval", "warmup_steps"]:
+            if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.val_docs < 1:
+            raise ConfigError(f"--val-docs must be >= 1 (documents held out for validation), got {self.val_docs}")
+        if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.total_steps:
+            raise ConfigError(f"--stop-at-step must be in [1, {self.total_steps}] (the run's steps), got {self.stop_at_step}")
+        if self.warmup_steps is not None and self.warmup_steps > self.total_steps:
+            raise ConfigError(f"--warmup-steps ({self.warmup_steps}) exceeds the run's {self.total_steps} steps: the lr would never reach its peak")
+        unknown = sorted(set(self.allowed_changes) - set(MAY_CHANGE))
+        if unknown:
+            raise ConfigError(f"--allow-change: {', '.join(unknown)} cannot change on resume; only {', '.join(MAY_CHANGE)} can")
+        if self.allow_change and not self.resume:
+            raise ConfigError("--allow-change only applies with --resume")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: continue the run, or start it afresh")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.total_batch_size is not None and (self.total_batch_size <= 0 or self.total_batch_size % self.batch_size):
@@ -137,6 +166,19 @@ class TrainConfig:
                     f"it takes {', '.join(sorted(taken - _OWN_FLAGS))}"
                 )
         return kwargs
+
+    @property
+    def allowed_changes(self) -> list[str]:
+        """The settings ``--allow-change`` names."""
+        return [name.strip().replace("-", "_") for name in (self.allow_change or "").split(",") if name.strip()]
+
+    def resume_differences(self, saved: dict[str, Any]) -> list[str]:
+        """The settings of this config that differ from ``saved`` (a checkpoint's config), as
+        ``--flag OLD -> NEW``, leaving out :data:`FREE_ON_RESUME`, the ``allowed_changes`` and
+        keys either side lacks (settings added since, derived values)."""
+        mine = dataclasses.asdict(self)
+        names = [n for n in mine if n in saved and n not in FREE_ON_RESUME and n not in self.allowed_changes]
+        return [f"--{n.replace('_', '-')} {saved[n]} -> {mine[n]}" for n in names if saved[n] != mine[n]]
 
     @property
     def total_batch(self) -> int:

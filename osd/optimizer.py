@@ -17,6 +17,7 @@ the identity), so the full-rank path is exactly the inner optimizer itself.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Any, Callable, Iterable, Iterator
 
@@ -229,6 +230,13 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             if p.is_complex():
                 self.param_groups.pop()
                 raise ValueError(f"complex parameter {self._param_name(group, p)} is not supported")
+            if p.dtype == torch.float16:
+                self.param_groups.pop()
+                raise ValueError(
+                    f"parameter {self._param_name(group, p)} is float16, which is not supported: states live in the "
+                    "weight's dtype, and float16's range and precision break Adam's second moment and P's updates; "
+                    "keep float32 weights (torch.autocast(dtype=torch.float16) for the compute) or use bfloat16"
+                )
             if group["rank"] is not None and p.dim() != 2:
                 # Documented fallback: vectors and >2-D tensors in a rank group train full-rank.
                 warnings.warn(
@@ -240,6 +248,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _validate_group(group: dict[str, Any]) -> None:
+        for key, value in group.items():
+            if key not in ("params", "param_names"):
+                _check_finite(key, value)
         lr = group["lr"]
         if isinstance(lr, Tensor):
             lr = lr.item()
@@ -542,7 +553,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, but 8-bit states keep their dtypes
-        (torch casts every state tensor but ``step`` to a floating parameter's dtype)."""
+        (torch casts every state tensor but ``step`` to a floating parameter's dtype), and a
+        state that does not fit is refused (``ValueError`` naming the parameter, nothing
+        loaded): one saved by another rule, projector, rank, orientation, bit width or
+        ``P`` optimizer (:data:`STATE_DEFINING_KEYS`), with other shapes, or non-finite."""
+        self._check_loadable(state_dict)
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
@@ -550,6 +565,55 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(key, str) and key.endswith((_CODES, _ABSMAX, _SHAPE)):
                     self.state[p][key] = value.to(device=p.device)
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if ``state_dict`` was saved by an optimizer whose maths or
+        state layout differ from this one's (group counts and sizes: torch checks them)."""
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)
+        ):
+            return
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if "rule" not in saved:
+                raise ValueError(f"the state was not saved by a SubspaceOptimizer (param group {index} has no 'rule')")
+            for key in STATE_DEFINING_KEYS:
+                if key in saved and saved[key] != group[key]:
+                    name = self._param_name(group, group["params"][0]) if group["params"] else "(none)"
+                    raise ValueError(
+                        f"the state was saved with {key}={saved[key]!r} for param group {index} (first parameter {name}); "
+                        f"this optimizer has {key}={group[key]!r}"
+                    )
+            for p, saved_id in zip(group["params"], saved["params"]):
+                self._check_param_state(group, p, state_dict["state"].get(saved_id, {}))
+
+    def _check_param_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+        """The saved ``state`` of ``p``: the shapes this optimizer would create, finite values."""
+        name = self._param_name(group, p)
+        for key, value in state.items():
+            if isinstance(value, Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(f"the saved state of parameter {name} holds NaN or Inf in {key!r}")
+        if "step" not in state:
+            return
+        shape = tuple(p.shape)
+        if "proj" in state:
+            if p.dim() != 2 or state.get("rank") != group["rank"]:
+                raise ValueError(f"the saved state of parameter {name} is projected at rank {state.get('rank')}; this optimizer has rank {group['rank']} for its shape {shape}")
+            m, n = shape[::-1] if _transposed(p.shape, group["proj_type"]) else shape
+            meta = torch.empty(m, group["rank"], device="meta")
+            expected = {"proj": meta.shape}
+            if group["projector"] == "online_pca":
+                rule, _ = PROJ_RULES[group["proj_optimizer"]]
+                expected.update({k: v.shape for k, v in rule.init_state(meta, rule.hparams(group), "proj_").items()})
+            like = torch.empty(group["rank"], n, device="meta")
+        else:
+            expected, like = {}, torch.empty(shape, device="meta")
+        rule = RULES[group["rule"]]
+        expected.update({k: v.shape for k, v in rule.init_state(like, rule.hparams(group), "").items()})
+        for key, want in expected.items():
+            have = state[key].shape if isinstance(state.get(key), Tensor) else torch.Size(state[key + _SHAPE].tolist()) if key + _SHAPE in state else None
+            if have is not None and have != want:
+                raise ValueError(f"the saved state of parameter {name} has {key!r} of shape {tuple(have)}; this optimizer's is {tuple(want)} (another model?)")
 
     def _param_index(self, p: Tensor) -> int:
         """Position of ``p`` among all parameters, the same as in ``state_dict()``."""
@@ -560,6 +624,25 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                     return index
                 index += 1
         raise KeyError("parameter not in this optimizer")
+
+
+# Group keys that decide the maths and the layout of the state: a state saved under other values
+# would be run by this optimizer's maths on another's state, so load_state_dict refuses it.
+STATE_DEFINING_KEYS = ("rule", "projector", "rank", "proj_type", "optim_bits", "proj_optimizer")
+
+
+def _check_finite(name: str, value: Any) -> None:
+    """Raise ``ValueError`` if a hyperparameter (a number, or numbers in a tuple, list or dict) is NaN or Inf."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            _check_finite(name, item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(f"{name}[{key!r}]", item)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
 
 
 # 8-bit state of key ``k``: ``k:codes`` (uint8), ``k:absmax`` (float32 per block), ``k:shape``.

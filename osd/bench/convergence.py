@@ -39,7 +39,7 @@ __all__ = ["DEFAULT_CONFIGS", "build_parser", "parse_spec", "run", "run_converge
 # smaller step, as the Lion paper advises against AdamW's.
 DEFAULT_CONFIGS = ("adamw", "galore_adamw", "golore_adamw", "osd_adamw", "galore_lion:lr=0.001", "osd_lion:lr=0.001")
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
-RUN_FIELDS = {"optimizer", "seed", "out_dir", "progress", "resume", "stop_at_step"}  # set per run, not by a spec
+RUN_FIELDS = {"optimizer", "seed", "out_dir", "progress", "resume", "overwrite", "stop_at_step"}  # set per run, not by a spec
 
 
 def _value(text: str) -> Any:
@@ -87,7 +87,7 @@ def run_convergence(base: dict[str, Any], specs: Sequence[str], seeds: Sequence[
     for spec in specs:
         name, overrides = parse_spec(spec)
         for seed in seeds:
-            settings = {**base, **overrides, "optimizer": name, "seed": seed, "progress": False}
+            settings = {**base, **overrides, "optimizer": name, "seed": seed, "progress": False, "overwrite": True}
             settings["out_dir"] = str(out / "runs" / _run_dir(spec) / f"seed{seed}")
             configs.append((spec, seed, TrainConfig(**settings)))  # checked before any run starts
 
