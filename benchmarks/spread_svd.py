@@ -45,7 +45,7 @@ def run(out_dir: Path, spread: bool, args: argparse.Namespace) -> dict:
         "--update-proj-gap", str(args.gap), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
         "--total-batch-size", str(args.batch_size * args.nproc), "--seq-len", str(args.seq_len),
         "--eval-interval", str(args.steps), "--eval-batches", "1", "--device", args.device, "--no-progress",
-        "--spread-svd" if spread else "--no-spread-svd", "--out-dir", str(out_dir),
+        "--spread-svd" if spread else "--no-spread-svd", "--out-dir", str(out_dir), "--overwrite",
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     subprocess.run(command, env=env, check=True, cwd=REPO, stdout=subprocess.DEVNULL)

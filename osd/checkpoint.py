@@ -1,15 +1,29 @@
-"""Atomic checkpoints: a kill at any moment leaves the previous checkpoint loadable."""
+"""Checkpoints of ``osd train``: atomic saves, and loads that name every problem in one line.
+
+A kill at any moment leaves the previous checkpoint loadable; a failed save (a full disk)
+keeps it too and removes its partial file. A file that is not a complete checkpoint of this
+kind (empty, truncated, text, random bytes, a pickle of Python objects, a bare model state
+dict, a key missing) raises :class:`CheckpointError`, whose message is one line.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["atomic_save", "load", "rng_state", "set_rng_state"]
+__all__ = ["CheckpointError", "KEYS", "atomic_save", "load", "rng_state", "set_rng_state"]
+
+KEYS = ("model", "optimizer", "scheduler", "data", "rng", "step", "tokens", "config")  # what osd train writes
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read, named in one line."""
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -17,15 +31,22 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
     Writes ``path.tmp`` in the same directory, flushes and fsyncs it, renames it over
     ``path`` (atomic on POSIX) and fsyncs the directory, so ``path`` is always either the
-    old complete file or the new complete one.
+    old complete file or the new complete one. If writing fails (``ENOSPC``, ``EIO``, ...)
+    the partial ``path.tmp`` is removed, ``path`` is untouched and :class:`CheckpointError`
+    names the cause.
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written"
+        raise CheckpointError(f"cannot save checkpoint {path}: {_cause(error)}; {kept}") from error
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)
@@ -33,9 +54,46 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         os.close(directory)
 
 
-def load(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (tensors and plain values only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _cause(error: BaseException) -> str:
+    """The OS error behind ``error`` (``[Errno 28] No space left on device``), else its first line."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror} (errno {error.errno})"
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def load(path: str | os.PathLike, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (tensors and plain values only) and check
+    that it is a dict holding ``keys`` (``osd train``: :data:`KEYS`); raise
+    :class:`CheckpointError` otherwise."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
+    except pickle.UnpicklingError:
+        if zipfile.is_zipfile(path):
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects other than tensors and plain values; "
+                "osd train never writes those, so it is not loaded (it is not this run's checkpoint)"
+            ) from None
+        raise CheckpointError(f"{path} is not a torch checkpoint (not a zip archive of tensors): corrupt or another kind of file") from None
+    except Exception:  # torch raises RuntimeError, KeyError, EOFError ... for a damaged file
+        raise CheckpointError(f"checkpoint {path} ({size} bytes) is truncated or corrupt: it does not read as a torch zip archive") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(saved).__name__}, not a dict of tensors and values")
+    missing = [key for key in keys if key not in saved]
+    if missing and all(isinstance(v, torch.Tensor) for v in saved.values()):
+        raise CheckpointError(f"{path} is a bare model state dict ({len(saved)} tensors), not an osd train checkpoint: it has no {', '.join(missing)}")
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(repr(k) for k in missing)}: it was not written by osd train, or is damaged")
+    return saved
 
 
 def rng_state() -> dict[str, Any]:

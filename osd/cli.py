@@ -1,4 +1,4 @@
-"""The ``osd`` command: ``osd train``, ``memory``, ``bench NAME``, ``plot RUN_DIR ...``, ``export RUN_DIR OUT_DIR``, ``generate MODEL``."""
+"""The ``osd`` command: ``osd train``, ``eval RUN``, ``memory``, ``bench NAME``, ``plot RUN_DIR ...``, ``export RUN_DIR OUT_DIR``, ``generate MODEL``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from osd import export, generate, memory_report
+from osd import export, generate, memory_report, perplexity
 from osd import train as train_module
 from osd.bench import BENCHMARKS
 from osd.config import build_parser
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="osd", description="Gradient-subspace optimizers for LLM training.")
     commands = parser.add_subparsers(dest="command", required=True)
     build_parser(commands.add_parser("train", help="pretrain LLaMA (python -m osd.train)"))
+    perplexity.build_parser(commands.add_parser("eval", help="perplexity and bits per byte of a trained model on a text"))
     memory_report.build_parser(commands.add_parser("memory", help="memory breakdown per optimizer, estimated and --measure'd"))
     plot = commands.add_parser("plot", help="draw loss / perplexity curves of runs into one PNG")
     plot.add_argument("run_dirs", nargs="+", help="osd train output directories")
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "train":
         return train_module.run(args)
+    if args.command == "eval":
+        return perplexity.run(args)
     if args.command == "memory":
         return memory_report.run(args)
     if args.command == "export":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 import math
@@ -12,14 +13,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from osd.models import PRESETS
-from osd.optimizer import DEFAULT_LR
-from osd.presets import optimizer_names
+from osd.optimizer import DEFAULT_LR, optimizer_keys
+from osd.presets import METHODS, optimizer_names
 
-__all__ = ["ConfigError", "TrainConfig", "build_parser", "config_from_args"]
+__all__ = ["ConfigError", "TrainConfig", "build_parser", "config_from_args", "parse_key_values"]
 
 
 class ConfigError(ValueError):
     """A bad setting, named in one line."""
+
+
+# Settings that do not change what a resumed run computes: free to differ from the checkpoint's.
+FREE_ON_RESUME = frozenset(
+    {"out_dir", "resume", "overwrite", "allow_change", "stop_at_step", "save_interval", "progress", "eval_interval",
+     "eval_batches", "device", "fsdp", "spread_svd", "check_sync", "divergence_check"}
+)
+# Settings that change the run but may continue from a checkpoint, when --allow-change names them.
+MAY_CHANGE = ("steps", "tokens")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -51,6 +61,12 @@ class TrainConfig:
     weight_decay: float = _help("decoupled weight decay", default=0.0)
     grad_clip: float = _help("clip the global gradient norm to this (0: off); per parameter with --layerwise", default=1.0)
     optim_bits: int = _help("32, or 8 for block-wise 8-bit optimizer states (moments and P's optimizer)", default=32)
+    optimizer_args: str = _help(
+        "more optimizer keys, checked against what the rule, projector and optimizer take: "
+        "'betas=(0.9,0.95),eps=1e-6,proj_type=left,svd_until=0.8,compat=osd_release,proj_optimizer_args.weight_decay=0.1,"
+        "target_modules=(\"attn\",)'",
+        default="",
+    )
     # memory
     layerwise: bool = _help("step each weight inside backward and free its gradient at once (osd.layerwise)", default=False)
     activation_checkpointing: bool = _help("recompute each decoder layer's activations in backward instead of keeping them", default=False)
@@ -74,9 +90,12 @@ class TrainConfig:
     # run
     seed: int = _help("seed of the model, the data order and random projections", default=0)
     out_dir: str = _help("directory for metrics.jsonl, config.json and checkpoint.pt", default="runs/latest")
-    save_interval: int = _help("checkpoint every N steps (0: only at the end)", default=0)
-    resume: bool = _help("continue from out_dir/checkpoint.pt", default=False)
+    save_interval: int = _help("checkpoint every N steps (0: only at the end and on SIGINT/SIGTERM)", default=100)
+    resume: bool = _help("continue from out_dir/checkpoint.pt (refused if it is missing or was trained with other settings)", default=False)
+    overwrite: bool = _help("start afresh in a non-empty out_dir, replacing its metrics.jsonl, config.json and checkpoint.pt", default=False)
+    allow_change: str | None = _help(f"with --resume, settings that may differ from the checkpoint's (comma list of: {', '.join(MAY_CHANGE)})", default=None)
     stop_at_step: int | None = _help("stop (with a checkpoint) after this step, as if interrupted", default=None)
+    divergence_check: bool = _help("stop (exit 1, keeping the last checkpoint) when the train loss is non-finite, above 2 ln(vocab) or stuck at ln(vocab)", default=True)
     device: str = _help("'auto', 'cpu' or 'cuda'", default="auto")
     progress: bool = _help("a progress bar when stderr is a terminal; else (or --no-progress) plain log lines", default=True)
     log_interval: int = _help("print a log line every N steps when there is no progress bar (0: about 20 lines per run)", default=0)
@@ -96,6 +115,10 @@ class TrainConfig:
             raise ConfigError(f"unknown model preset {self.model!r}; known presets: {', '.join(PRESETS)}")
         if self.optimizer not in optimizer_names():
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(optimizer_names())}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
         positive = ["update_proj_gap", "scale", "alpha", "steps", "batch_size", "seq_len", "eval_interval", "eval_batches"]
         for name in positive:
             if not getattr(self, name) > 0:
@@ -103,9 +126,22 @@ class TrainConfig:
         for name in ["lr", "rank"]:
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
-        for name in ["weight_decay", "grad_clip", "ortho_reg", "save_interval", "val_docs", "log_interval"]:
-            if getattr(self, name) < 0:
+        for name in ["weight_decay", "grad_clip", "ortho_reg", "save_interval", "warmup_steps", "log_interval"]:
+            if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.val_docs < 1:
+            raise ConfigError(f"--val-docs must be >= 1 (documents held out for validation), got {self.val_docs}")
+        if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.total_steps:
+            raise ConfigError(f"--stop-at-step must be in [1, {self.total_steps}] (the run's steps), got {self.stop_at_step}")
+        if self.warmup_steps is not None and self.warmup_steps > self.total_steps:
+            raise ConfigError(f"--warmup-steps ({self.warmup_steps}) exceeds the run's {self.total_steps} steps: the lr would never reach its peak")
+        unknown = sorted(set(self.allowed_changes) - set(MAY_CHANGE))
+        if unknown:
+            raise ConfigError(f"--allow-change: {', '.join(unknown)} cannot change on resume; only {', '.join(MAY_CHANGE)} can")
+        if self.allow_change and not self.resume:
+            raise ConfigError("--allow-change only applies with --resume")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: continue the run, or start it afresh")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.total_batch_size is not None and (self.total_batch_size <= 0 or self.total_batch_size % self.batch_size):
@@ -116,6 +152,40 @@ class TrainConfig:
             raise ConfigError(f"--optim-bits must be 8 or 32, got {self.optim_bits}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        self.extra_optimizer_kwargs()
+
+    def extra_optimizer_kwargs(self) -> dict[str, Any]:
+        """``--optimizer-args`` as keyword arguments of :func:`osd.create_optimizer`, checked
+        against the keys the chosen optimizer takes (:class:`ConfigError` naming the rest)."""
+        try:
+            kwargs = parse_key_values(self.optimizer_args)
+        except ValueError as error:
+            raise ConfigError(f"--optimizer-args: {error}") from None
+        method, _, rule = self.optimizer.rpartition("_")
+        projector = METHODS.get(method, "identity")
+        taken = optimizer_keys(rule, projector) | {"target_modules"} if method else optimizer_keys(rule, projector)
+        for key in kwargs:
+            if key in _OWN_FLAGS:
+                raise ConfigError(f"--optimizer-args: {key!r} has its own flag, --{key.replace('_', '-')}")
+            if key not in taken:
+                raise ConfigError(
+                    f"--optimizer-args: {self.optimizer} (rule {rule!r}, projector {projector!r}) takes no key {key!r}; "
+                    f"it takes {', '.join(sorted(taken - _OWN_FLAGS))}"
+                )
+        return kwargs
+
+    @property
+    def allowed_changes(self) -> list[str]:
+        """The settings ``--allow-change`` names."""
+        return [name.strip().replace("-", "_") for name in (self.allow_change or "").split(",") if name.strip()]
+
+    def resume_differences(self, saved: dict[str, Any]) -> list[str]:
+        """The settings of this config that differ from ``saved`` (a checkpoint's config), as
+        ``--flag OLD -> NEW``, leaving out :data:`FREE_ON_RESUME`, the ``allowed_changes`` and
+        keys either side lacks (settings added since, derived values)."""
+        mine = dataclasses.asdict(self)
+        names = [n for n in mine if n in saved and n not in FREE_ON_RESUME and n not in self.allowed_changes]
+        return [f"--{n.replace('_', '-')} {saved[n]} -> {mine[n]}" for n in names if saved[n] != mine[n]]
 
     @property
     def peak_lr(self) -> float:
@@ -155,6 +225,53 @@ class TrainConfig:
         """The resolved config (derived values included) as JSON."""
         derived = {"peak_lr": self.peak_lr, "total_steps": self.total_steps, "warmup": self.warmup, "accumulation": self.accumulation, "tokenizer_spec": self.tokenizer_spec}
         return json.dumps({**dataclasses.asdict(self), "derived": derived}, indent=2)
+
+
+# Optimizer keys that have a flag of their own (set them there, not in --optimizer-args).
+_OWN_FLAGS = {"lr", "rank", "update_proj_gap", "scale", "alpha", "ortho_reg", "proj_optimizer", "proj_lr_rule", "weight_decay", "optim_bits", "seed", "max_grad_norm"}
+
+
+def _split_top_level(text: str) -> list[str]:
+    """``text`` split at the commas that are not inside brackets or quotes."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [part for part in parts + [text[start:]] if part.strip()]
+
+
+def parse_key_values(text: str) -> dict[str, Any]:
+    """``"a=1,b=(0.9,0.95),c=left,d.e=0.1"`` -> ``{"a": 1, "b": (0.9, 0.95), "c": "left", "d": {"e": 0.1}}``.
+
+    Values are Python literals where they parse as one (numbers, tuples, None, True), plain
+    strings otherwise; ``key.sub=value`` fills the dict ``key``."""
+    result: dict[str, Any] = {}
+    for part in _split_top_level(text):
+        key, sep, raw = part.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"expected key=value, got {part.strip()!r}")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        outer, _, inner = key.partition(".")
+        if inner:
+            result.setdefault(outer, {})[inner] = value
+        elif key in result:
+            raise ValueError(f"key {key!r} given twice")
+        else:
+            result[key] = value
+    return result
 
 
 def _argument_type(annotation: Any) -> type:

@@ -18,10 +18,12 @@ line meant for the user.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import importlib
 import inspect
+import json
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -134,6 +136,12 @@ def _tokenizers_json(path: str) -> Tokenizer:
     """A Hugging Face ``tokenizers`` JSON (e.g. t5-base's ``tokenizer.json``: vocab 32100, EOS 1, pad 0)."""
     import tokenizers
 
+    try:
+        content = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read tokenizers JSON {path}: {_one_line(e)}") from e
+    if not isinstance(content, dict) or "model" not in content:
+        raise DataError(f"{path} is JSON but not a Hugging Face tokenizers file (no 'model' entry); pass a tokenizer.json, a .model or a tokenizer directory")
     try:
         backend = tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
@@ -307,6 +315,8 @@ def _resolve_files(spec: str) -> list[str]:
             files += matches
         elif os.path.isfile(part):
             files.append(part)
+        elif os.path.isdir(part):
+            raise DataError(f"{part} is a directory; name its files, e.g. '{os.path.join(part, '*.jsonl')}'")
         else:
             raise DataError(f"no such file: {part}")
     if not files:
@@ -337,14 +347,20 @@ def _load_file(path: str, text_field: str, cache_dir: str | os.PathLike | None) 
     Files are loaded one by one so that an error names the file it comes from.
     """
     builder = _builder(path)
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path} is empty (0 bytes)")
     try:
-        dataset = datasets.load_dataset(builder, data_files=[path], split="train", cache_dir=cache_dir)
+        with _no_progress_bars():
+            dataset = datasets.load_dataset(builder, data_files=[path], split="train", cache_dir=cache_dir)
     except DatasetGenerationError as e:  # its own message is generic; the cause says what is wrong
         raise DataError(f"cannot read {path}: {_one_line(e.__cause__ or e)}") from e
-    except (OSError, EOFError, ValueError) as e:  # broken gzip, not Parquet, ...
+    except (OSError, EOFError, ValueError, StopIteration) as e:  # broken gzip, not Parquet, no record ...
         raise DataError(f"cannot read {path}: {_one_line(e)}") from e
     if text_field not in dataset.column_names:
         raise DataError(f"{path} has no field '{text_field}'; its records have: {', '.join(dataset.column_names)}")
+    lacking = dataset.data.column(text_field).null_count
+    if lacking:
+        raise DataError(f"{lacking} of {len(dataset)} records of {path} have no '{text_field}' (or a null one); fix or filter the file")
     feature = dataset.features[text_field]
     if getattr(feature, "dtype", None) not in ("string", "large_string"):
         raise DataError(f"field '{text_field}' of {path} is {feature}, not text")
@@ -352,6 +368,19 @@ def _load_file(path: str, text_field: str, cache_dir: str | os.PathLike | None) 
     if feature.dtype == "large_string":  # so that it concatenates with the files that have "string"
         dataset = dataset.cast_column(text_field, datasets.Value("string"))
     return dataset
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Without ``datasets``' progress bars (a local file reads in moments; its bars would
+    bury the one line that names a problem), restoring the setting after."""
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
 
 
 def _non_blank_rows(dataset: datasets.Dataset, text_field: str) -> np.ndarray:

@@ -26,6 +26,8 @@ __all__ = [
     "online_pca_loss",
     "online_pca_grad",
     "svd_basis",
+    "eigh_basis",
+    "randomized_basis",
     "random_basis",
     "principal_angles",
 ]
@@ -44,20 +46,26 @@ def adamw_direction(
     beta1: float,
     beta2: float,
     eps: float,
+    correct_bias: bool = True,
+    hf_eps: bool = False,
 ) -> Tensor:
-    """Adam's direction, exactly as ``torch.optim.AdamW`` computes it.
+    """Adam's direction. ``m <- b1 m + (1 - b1) g``, ``v <- b2 v + (1 - b2) g^2`` (in place), then
 
-    ``m <- b1 m + (1 - b1) g``, ``v <- b2 v + (1 - b2) g^2`` (in place), and
+    - ``hf_eps=False`` (``torch.optim.AdamW``): ``D = (m / c1) / (sqrt(v) / sqrt(c2) + eps)``;
+    - ``hf_eps=True`` (Hugging Face's and ``galore_torch``'s AdamW): ``D = sqrt(c2) / c1 * m / (sqrt(v) + eps)``,
+      eps added to the raw ``sqrt(v)`` and the bias correction folded into the step size;
 
-        D = (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps)
-
-    ``step`` is t, counted from 1. Weight decay is not part of the direction: it is
-    decoupled and applied to the full weight by the caller.
+    with ``c1 = 1 - b1^t``, ``c2 = 1 - b2^t`` (both 1 if not ``correct_bias``). The two agree at
+    ``eps = 0``; otherwise the HF form's effective eps is ``eps / sqrt(c2)``, larger early on.
+    ``step`` is t, counted from 1. Weight decay is not part of the direction: it is decoupled
+    and applied to the full weight by the caller.
     """
     exp_avg.lerp_(grad, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    bias_correction1 = 1.0 - beta1**step
-    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+    bias_correction1 = 1.0 - beta1**step if correct_bias else 1.0
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step) if correct_bias else 1.0
+    if hf_eps:
+        return (exp_avg / exp_avg_sq.sqrt().add_(eps)).mul_(bias_correction2_sqrt / bias_correction1)
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     return (exp_avg / bias_correction1).div_(denom)
 
@@ -165,15 +173,14 @@ def online_pca_grad(P: Tensor, G: Tensor, ortho_reg: float, R: Tensor | None = N
     """
     if grad_norm is None:
         grad_norm = G.norm()
-    inv_norm = 1.0 / grad_norm
-    Zt = (P.mT @ G if R is None else R) * inv_norm  # r x n
-    Y = (G @ Zt.mT) * inv_norm  # m x r
-    # Z^T Z = P^T Gn Gn^T P = P^T Y: an m r^2 product instead of an n r^2 one.
-    inner = P.mT @ Y
+    R = P.mT @ G if R is None else R  # r x n; Z = R^T / ||G||
+    Y = (G @ R.mT).mul_(1.0 / grad_norm**2)  # m x r: Gn Z, one scaling of the small product
     A = P.mT @ P
     eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    if ortho_reg:
-        inner.add_(A - eye, alpha=2.0 * ortho_reg)
+    # Z^T Z + 2 lambda (A - I), with Z^T Z = P^T Gn Gn^T P = P^T Y: an m r^2 product instead of
+    # an n r^2 one. addmm's beta rather than add_(..., alpha=...): torch 2.13's inductor drops
+    # alpha when it adds to a matrix product (torch.compile(optimizer.step) would be wrong).
+    inner = torch.addmm(A - eye, P.mT, Y, beta=2.0 * ortho_reg)
     # 2 (Y (A - 2 I) + P (Z^T Z + 2 lambda (A - I))): one product with P for both P-terms.
     return torch.addmm(Y @ (A - 2.0 * eye), P, inner).mul_(2.0)
 
@@ -189,6 +196,50 @@ def svd_basis(G: Tensor, rank: int, side: str) -> Tensor:
     U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
     basis = U[:, :rank] if side == "left" else Vh[:rank].mT
     return basis.to(G.dtype).contiguous()
+
+
+def eigh_basis(G: Tensor, rank: int) -> Tensor:
+    """The top-``rank`` left singular subspace of ``G`` (``m x n``) as an ``m x rank``
+    orthonormal matrix, from the eigendecomposition of ``G G^T`` (``m x m``).
+
+    The same subspace as :func:`svd_basis` (``side="left"``) up to round-off and the signs
+    of the vectors, for ``m n^2``-free cost: ``m^2 n`` for the Gram matrix plus ``m^3`` for
+    ``eigh``. Use it with ``m <= n`` (the canonical orientation). Computed in float32;
+    squaring ``G`` loses the directions whose singular values are below ~1e-4 of the
+    largest, which only matters when ``rank`` reaches into that noise floor.
+    """
+    Gf = G.float()
+    _, vectors = torch.linalg.eigh(Gf @ Gf.mT)  # ascending eigenvalues
+    return vectors[:, -rank:].flip(1).to(G.dtype).contiguous()
+
+
+def randomized_basis(G: Tensor, rank: int, niter: int, generator: torch.Generator, oversample: int = 8) -> Tensor:
+    """An approximate top-``rank`` left singular subspace of ``G`` (``m x n``) by randomized
+    range finding (Halko, Martinsson & Tropp, 2011, algorithms 4.4 and 5.1).
+
+    With ``k = min(rank + oversample, m, n)`` and a Gaussian ``Omega`` (``n x k``) drawn
+    from ``generator`` (on the CPU, so every device draws the same one):
+
+        Q = orth(G Omega);  niter times: Q = orth(G orth(G^T Q))
+        B = Q^T G  (k x n);  U_B = eigenvectors of B B^T  (k x k, descending)
+        basis = Q U_B[:, :rank]                (m x rank, orthonormal)
+
+    Cost ``2 (2 + 2 niter) m n k`` flops in matrix products plus QRs of ``m x k`` and
+    ``n x k`` matrices and an ``eigh`` of ``k x k``, against ``O(m n min(m, n))`` for a full
+    SVD. (An SVD of the ``k x n`` matrix ``B`` would cost as much as all the rest here.) Each power iteration
+    raises the singular values' ratio that separates the subspace to the power ``2 niter + 1``;
+    the principal angles to the exact subspace are measured in ``docs/performance.md``.
+    """
+    m, n = G.shape
+    k = min(rank + oversample, m, n)
+    Gf = G.float()
+    omega = torch.randn(n, k, generator=generator, dtype=torch.float32).to(G.device)
+    Q = torch.linalg.qr(Gf @ omega).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(Gf @ torch.linalg.qr(Gf.mT @ Q).Q).Q
+    B = Q.mT @ Gf  # k x n: its left singular vectors from eigh(B B^T), k x k, not an SVD of B
+    _, U_small = torch.linalg.eigh(B @ B.mT)  # ascending eigenvalues
+    return (Q @ U_small[:, -rank:].flip(1)).to(G.dtype).contiguous()
 
 
 def random_basis(dim: int, rank: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         if args.measure:
             out_dir = Path(args.out or "runs/memory") / label(config).replace(" + ", "_")
             limit = int(args.memory_limit_gb * GB) if args.memory_limit_gb else None
-            row["measured"] = measure(dataclasses.replace(config, out_dir=str(out_dir)), limit)
+            row["measured"] = measure(dataclasses.replace(config, out_dir=str(out_dir), overwrite=True), limit)
         rows.append(row)
         print(f"{row['label']}: estimate {row['estimate']['total'] / GB:.3f} GB" + (f", measured {row['measured']}" if args.measure else ""), file=sys.stderr)
     title = f"LLaMA-{args.model}, rank {args.rank}, batch {args.batch_size} x {args.seq_len}, {args.dtype}" + (", activation checkpointing" if args.activation_checkpointing else "")

@@ -17,43 +17,75 @@ the identity), so the full-rank path is exactly the inner optimizer itself.
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import warnings
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from osd import quantization, sharded
-from osd.projectors import PROJECTORS, get_projector
+from osd.compat import compat_defaults, translate_reference_kwargs
+from osd.projectors import PROJECTORS, SVD_METHODS, get_projector
 from osd.rules import PROJ_RULES, RULES, get_rule
 
-__all__ = ["SubspaceOptimizer", "PROJ_TYPES", "NONFINITE_POLICIES", "DEFAULT_LR"]
+__all__ = ["SubspaceOptimizer", "PROJ_TYPES", "NONFINITE_POLICIES", "DEFAULT_LR", "optimizer_keys"]
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 NONFINITE_POLICIES = ("raise", "skip")
 
-# Group keys the optimizer itself reads, with their defaults. The inner rule adds its own
-# (betas, eps, ...).
+# Group keys the optimizer itself reads, with their defaults. The projector adds its own
+# (``alpha``, ``ortho_reg``, ... for online PCA; ``svd_until``, ``total_steps`` for random)
+# and so does the inner rule (``betas``, ``eps``, ...).
 SUBSPACE_DEFAULTS: dict[str, Any] = {
     "rank": None,
     "update_proj_gap": 200,
     "scale": 0.25,
     "proj_type": "std",
-    "projector": "online_pca",
-    "alpha": 5.0,
-    "ortho_reg": 0.1,
-    "proj_optimizer": "adam",
-    "proj_optimizer_args": {},
-    "proj_lr_rule": "alpha",
-    "max_lr": None,
-    "svd_fraction": 0.0,
-    "total_steps": None,
     "seed": 0,
     "optim_bits": 32,
     "min_8bit_size": 4096,
     "max_grad_norm": None,
+    "decay_after_update": False,
+    "svd_method": "svd",
+    "svd_niter": 2,
 }
+
+# Keys that were renamed, with what to write instead.
+RENAMED_KEYS = {
+    "svd_fraction": "svd_fraction was renamed svd_until (same meaning: SVD refreshes for the first svd_until * total_steps "
+    "steps, random bases after; GoLore@20%, random for the last 20%, is svd_until=0.8)",
+}
+# Aliases other libraries use for a group key.
+KEY_ALIASES = {"projection_type": "proj_type"}  # pytorch_optimizer's GaLore
+
+
+def optimizer_keys(rule: str, projector: str) -> set[str]:
+    """Every keyword a :class:`SubspaceOptimizer` with this rule and projector takes."""
+    return set(SUBSPACE_DEFAULTS) | set(get_rule(rule).defaults) | set(get_projector(projector).defaults) | {"compat", "nonfinite"}
+
+
+def _owners(key: str) -> list[str]:
+    """Which rules and projectors take group key ``key`` (for error messages)."""
+    return [f"rule {name!r}" for name, rule in RULES.items() if key in rule.defaults] + [
+        f"projector {name!r}" for name, projector in PROJECTORS.items() if key in projector.defaults
+    ]
+
+
+def _refuse_foreign_keys(keys: Iterable[str], rule: str, projector: str, where: str) -> None:
+    """Raise ``TypeError`` for a key that belongs to another rule or projector, or was renamed."""
+    taken = set(SUBSPACE_DEFAULTS) | set(get_rule(rule).defaults) | set(get_projector(projector).defaults)
+    for key in keys:
+        if key in RENAMED_KEYS:
+            raise TypeError(f"{where}: {RENAMED_KEYS[key]}")
+        owners = _owners(key)
+        if key not in taken and owners:
+            raise TypeError(
+                f"{where}: {key!r} is a hyperparameter of {' and '.join(owners)}, not of this optimizer "
+                f"(rule {rule!r}, projector {projector!r}); it would be ignored"
+            )
 
 
 # Peak learning rate per inner rule when none is given (see the README's defaults table):
@@ -130,15 +162,28 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             only; default 0.25, the GaLore and OSD papers' LLaMA runs.
         proj_type: side the projector acts on: ``"std"`` (smaller side), ``"reverse_std"``,
             ``"left"``, ``"right"``, as in ``galore_torch``.
+        compat: a reference implementation's conventions for the keys not given
+            (``"galore_torch"``, ``"osd_release"``; ``None``: torch's), see :mod:`osd.compat`.
+        decay_after_update: apply the decoupled weight decay after the update
+            (``W <- W' - lr wd W'``, Hugging Face / ``galore_torch``) instead of before it
+            (``torch.optim.AdamW``).
         alpha: OSD, ``lr_P = alpha * lr_W(t)`` (paper: 5).
         ortho_reg: OSD, ``lambda`` of the orthonormality term (paper: 0.1).
         proj_optimizer: OSD, optimizer of ``P``: ``"adam"``, ``"adamw"``, ``"lion"``, ``"sgd"``,
-            ``"adafactor"``; ``proj_optimizer_args`` overrides its hyperparameters.
+            ``"adafactor"``; ``proj_optimizer_args`` overrides its hyperparameters, e.g.
+            ``{"weight_decay": wd}`` for the paper's ``lambda^P = lambda^W`` (default 0 with
+            ``"adam"``: the paper's LLaMA runs use ``lambda^W = 0``, and decay pulls ``P``
+            towards 0 against its orthonormality).
         proj_lr_rule: OSD, ``"alpha"`` (paper) or ``"released"`` (``lr_W(t) / (max_lr * T)``);
             see :func:`osd.projectors.proj_lr`.
         max_lr: peak lr for ``proj_lr_rule="released"`` (default: the scheduler's ``initial_lr``).
-        svd_fraction, total_steps: GoLore, SVD for the first ``svd_fraction * total_steps``
-            steps, random after.
+        svd_until, total_steps: GoLore, SVD refreshes for the first ``svd_until * total_steps``
+            steps, random after (GoLore@20% = ``svd_until=0.8``).
+        svd_method: how every top-``r`` singular basis is computed (OSD's initial ``P``,
+            GaLore's refreshes, GoLore's SVD phase): ``"svd"`` (full SVD, GaLore's, default),
+            ``"eigh"`` (the same subspace from ``eigh(G G^T)``, cheaper) or ``"randomized"``
+            (randomized range finding with ``svd_niter`` power iterations: an approximation,
+            much cheaper on large weights); see :func:`osd.projectors._svd_or_fallback`.
         seed: seed of the random projections (each parameter derives its own).
         optim_bits: 32, or 8 for block-wise 8-bit moments (the inner rule's and ``P``'s
             optimizer's state; see :mod:`osd.quantization`); tensors under
@@ -165,22 +210,26 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         rule: str = "adamw",
         projector: str = "online_pca",
         nonfinite: str = "raise",
+        compat: str | None = None,
         **kwargs: Any,
     ) -> None:
-        inner = get_rule(rule)
-        get_projector(projector)
+        inner, proj = get_rule(rule), get_projector(projector)
         _torch_switches(kwargs)  # foreach (a speed hint: accepted), fused, maximize, ...: refused unless off
         lr = DEFAULT_LR[rule] if lr is None else _plain(lr)
         kwargs = {key: _plain(value) for key, value in kwargs.items()}
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-        unknown = set(kwargs) - set(SUBSPACE_DEFAULTS) - set(inner.defaults)
+        kwargs = translate_reference_kwargs(rule, lr, kwargs)
+        _refuse_foreign_keys(kwargs, rule, projector, type(self).__name__)
+        taken = {**SUBSPACE_DEFAULTS, **proj.defaults, **inner.defaults}
+        unknown = set(kwargs) - set(taken)
         if unknown:
             raise TypeError(
-                f"unknown hyperparameter(s) {sorted(unknown)} for rule {rule!r}; "
-                f"it takes {sorted(inner.defaults)} and the subspace keys {sorted(SUBSPACE_DEFAULTS)}"
+                f"unknown hyperparameter(s) {sorted(unknown)} for rule {rule!r} and projector {projector!r}; "
+                f"they take {sorted(taken)}"
             )
-        defaults = {"lr": lr, "rule": rule, **SUBSPACE_DEFAULTS, "projector": projector, **inner.defaults, **kwargs}
+        defaults = {"lr": lr, "rule": rule, "projector": projector, **taken, **compat_defaults(compat, rule, set(taken)), **kwargs}
+        self.compat = compat
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self._group_of: dict[int, dict[str, Any]] = {}
@@ -200,15 +249,41 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 stacklevel=4,
             )
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """As torch's, plus the defaults of group keys added since a state dict was saved;
+        ``load_state_dict`` replaces the group dicts, so the parameter -> group map is rebuilt."""
+        super().__setstate__(state)
+        self._group_of = {}
+        for group in self.param_groups:
+            for key, value in SUBSPACE_DEFAULTS.items():
+                group.setdefault(key, value)
+            self._group_of.update((id(p), group) for p in group["params"])
+
     # ----------------------------------------------------------------------------------
     # Param groups
     # ----------------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group, as ``torch.optim.Optimizer`` does, and check its hyperparameters."""
+        """Add a group, as ``torch.optim.Optimizer`` does, and check its hyperparameters.
+
+        A group may set another ``projector`` than the optimizer's (it then gets that
+        projector's defaults); keys that belong to a rule or projector the group does not use
+        are refused, so that nothing is silently ignored.
+        """
         param_group = dict(param_group)
         _torch_switches(param_group)
-        super().add_param_group({key: value if key in ("params", "param_names") else _plain(value) for key, value in param_group.items()})
+        param_group = {key: value if key in ("params", "param_names") else _plain(value) for key, value in param_group.items()}
+        for alias, key in KEY_ALIASES.items():
+            if alias in param_group:
+                if key in param_group:
+                    raise TypeError(f"param group sets both {alias!r} and its alias {key!r}; keep one")
+                param_group = {**param_group, key: param_group[alias]}
+                del param_group[alias]
+        rule, projector = param_group.get("rule", self.defaults["rule"]), param_group.get("projector", self.defaults["projector"])
+        _refuse_foreign_keys([key for key in param_group if key not in ("params", "param_names")], rule, projector, "param group")
+        own_defaults = {**get_projector(projector).defaults, **get_rule(rule).defaults}
+        param_group = {**{k: v for k, v in own_defaults.items() if k not in self.defaults}, **param_group}
+        super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
             self._validate_group(group)
@@ -219,6 +294,13 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             if p.is_complex():
                 self.param_groups.pop()
                 raise ValueError(f"complex parameter {self._param_name(group, p)} is not supported")
+            if p.dtype == torch.float16:
+                self.param_groups.pop()
+                raise ValueError(
+                    f"parameter {self._param_name(group, p)} is float16, which is not supported: states live in the "
+                    "weight's dtype, and float16's range and precision break Adam's second moment and P's updates; "
+                    "keep float32 weights (torch.autocast(dtype=torch.float16) for the compute) or use bfloat16"
+                )
         # Documented fallback: vectors and >2-D tensors in a rank group train full-rank.
         fallbacks = [self._param_name(group, p) for p in group["params"] if group["rank"] is not None and p.dim() != 2]
         if self._fallbacks is None:
@@ -229,6 +311,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _validate_group(group: dict[str, Any]) -> None:
+        for key, value in group.items():
+            if key not in ("params", "param_names"):
+                _check_finite(key, value)
         lr = group["lr"]
         if isinstance(lr, Tensor):
             lr = lr.item()
@@ -250,10 +335,16 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             raise ValueError(f"proj_type must be one of {PROJ_TYPES} (GaLore's 'full' is not supported), got {group['proj_type']!r}")
         if not _is_int(group["seed"]):
             raise ValueError(f"seed must be an int, got {group['seed']!r}")
+        if not isinstance(group["decay_after_update"], bool):
+            raise ValueError(f"decay_after_update must be True or False, got {group['decay_after_update']!r}")
         if group["optim_bits"] not in (8, 32) or isinstance(group["optim_bits"], bool):
             raise ValueError(f"optim_bits must be 8 or 32, got {group['optim_bits']!r}")
         if not _is_int(group["min_8bit_size"]) or group["min_8bit_size"] < 0:
             raise ValueError(f"min_8bit_size must be an int >= 0, got {group['min_8bit_size']!r}")
+        if group["svd_method"] not in SVD_METHODS:
+            raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {group['svd_method']!r}")
+        if not _is_int(group["svd_niter"]) or group["svd_niter"] < 0:
+            raise ValueError(f"svd_niter must be an int >= 0, got {group['svd_niter']!r}")
         clip = group["max_grad_norm"]
         if clip is not None and (not isinstance(clip, (int, float)) or isinstance(clip, bool) or not clip > 0.0):
             raise ValueError(f"max_grad_norm must be None or a number > 0, got {clip!r}")
@@ -307,8 +398,17 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 f"non-finite gradient (NaN or Inf) in parameter {self._param_name(group, p)} of shape "
                 f"{tuple(p.shape)}; nothing was updated (pass nonfinite='skip' to skip such steps)"
             )
+        in_torch: dict[int, tuple[dict[str, Any], list[Tensor]]] = {}
+        hparams: dict[int, dict[str, Any]] = {}  # each group's, read once per step
         for (group, p), norm in zip(pairs, norms):
-            self._update_param(group, p, p.grad, norm)
+            if self._steps_in_torch(group, p):
+                in_torch.setdefault(id(group), (group, []))[1].append(p)
+                continue
+            if id(group) not in hparams:
+                hparams[id(group)] = RULES[group["rule"]].hparams(group)
+            self._update_param(group, p, p.grad, norm, hparams=hparams[id(group)])
+        for group, params in in_torch.values():
+            self._torch_step(group, params, [p.grad for p in params])
         return loss
 
     # ----------------------------------------------------------------------------------
@@ -374,9 +474,15 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     # The update of one parameter
     # ----------------------------------------------------------------------------------
 
-    def _update_param(self, group: dict[str, Any], p: Tensor, grad: Tensor | None, grad_norm: Tensor, projected: Tensor | None = None) -> None:
+    def _update_param(
+        self, group: dict[str, Any], p: Tensor, grad: Tensor | None, grad_norm: Tensor, projected: Tensor | None = None, hparams: dict[str, Any] | None = None
+    ) -> None:
         """``grad``: the full gradient (``grad_norm`` its norm), or None with ``projected = P^T G``
-        (``grad_norm`` then the norm of ``projected``)."""
+        (``grad_norm`` then the norm of ``projected``). ``hparams``: the rule's hyperparameters
+        of ``group``, when the caller has read them already (once per group and step)."""
+        if projected is None and self._steps_in_torch(group, p):
+            self._torch_step(group, [p], [grad])
+            return
         state = self.state[p]
         if not state:
             self._init_state(group, p, grad)
@@ -384,7 +490,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         # load_state_dict would mangle them).
         projector = PROJECTORS[group["projector"] if "rank" in state else "identity"]
         rule = RULES[group["rule"]]
-        hparams = rule.hparams(group)
+        hparams = hparams or rule.hparams(group)
 
         if grad is not None:
             grad = self._working_grad(group, grad, "rank" in state)
@@ -399,17 +505,60 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 norm = grad_norm if P is None or projected is not None else torch.linalg.vector_norm(R)
                 rule_input = R * (group["max_grad_norm"] / (norm + 1e-6)).clamp(max=1.0)
             direction = rule.direction(rule_input, state, hparams, state["step"] + 1, "")
-            update = direction if P is None else P @ direction
-            update = rule.finalize(update, hparams)
-
-            lr = group["lr"]
-            if hparams["weight_decay"]:
-                p.mul_(1.0 - lr * hparams["weight_decay"])
-            scale = group["scale"] if P is not None else 1.0
-            p.add_(sharded.like_param(update.mT if state["transposed"] else update, p), alpha=-lr * scale)
+            lr, decay = group["lr"], hparams["weight_decay"]
+            decay_before = bool(decay) and not group["decay_after_update"]
+            if P is not None and not rule.finalizes(hparams) and not isinstance(p, DTensor):
+                # W <- (1 - lr wd) W - lr scale P D as one GEMM: no m x n temporary, one pass over W.
+                beta, alpha = (1.0 - lr * decay if decay_before else 1.0), -lr * group["scale"]
+                if state["transposed"]:
+                    p.addmm_(direction.mT, P.mT, beta=beta, alpha=alpha)
+                else:
+                    p.addmm_(P, direction, beta=beta, alpha=alpha)
+            else:
+                update = direction if P is None else P @ direction
+                update, scale = rule.finalize(update, group["scale"] if P is not None else 1.0, hparams)
+                if decay_before:
+                    p.mul_(1.0 - lr * decay)
+                p.add_(sharded.like_param(update.mT if state["transposed"] else update, p), alpha=-lr * scale)
+            if decay and group["decay_after_update"]:
+                p.add_(p, alpha=-lr * decay)  # W' - lr wd W', as Hugging Face's AdamW rounds it
             if G is not None:
                 projector.advance(state, G, R, grad_norm, group)
         state["step"] += 1
+
+    @staticmethod
+    def _projected(group: dict[str, Any], p: Tensor) -> bool:
+        """Whether ``p`` is (or, before its first step, will be) trained in a subspace."""
+        rank = group["rank"]
+        return get_projector(group["projector"]).projects and rank is not None and p.dim() == 2 and rank < min(p.shape)
+
+    def _steps_in_torch(self, group: dict[str, Any], p: Tensor) -> bool:
+        """Whether ``p`` steps through its rule's torch kernels (``UpdateRule.torch_step``):
+        a full-rank, unsharded parameter with float32 states, no per-parameter clipping and
+        torch's decay-before-update, whose rule torch computes with these hyperparameters."""
+        rule = RULES[group["rule"]]
+        state = self.state.get(p)
+        projected = "rank" in state if state else self._projected(group, p)
+        return (
+            rule.torch_step is not None
+            and not projected
+            and group["max_grad_norm"] is None
+            and not group["decay_after_update"]
+            and (group["optim_bits"] == 32 or p.numel() < max(group["min_8bit_size"], 1))
+            and not isinstance(p, DTensor)
+            and rule.torch_step_allows(rule.hparams(group))
+        )
+
+    def _torch_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """Step full-rank ``params`` together through ``UpdateRule.torch_step`` (one fused kernel)."""
+        rule = RULES[group["rule"]]
+        for p, grad in zip(params, grads):
+            if not self.state[p]:
+                self._init_state(group, p, grad)
+        states = [self.state[p] for p in params]
+        rule.torch_step(params, grads, states, rule.hparams(group), group["lr"], [state["step"] + 1 for state in states])
+        for state in states:
+            state["step"] += 1
 
     @staticmethod
     def _working_grad(group: dict[str, Any], grad: Tensor, projected: bool) -> Tensor:
@@ -423,7 +572,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         rank = group["rank"]
         projector = get_projector(group["projector"])
-        projected = projector.projects and rank is not None and p.dim() == 2 and rank < min(p.shape)
+        projected = self._projected(group, p)
         if not projected:
             projector = get_projector("identity")
         state["step"] = 0
@@ -467,7 +616,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, but 8-bit states keep their dtypes
-        (torch casts every state tensor but ``step`` to a floating parameter's dtype)."""
+        (torch casts every state tensor but ``step`` to a floating parameter's dtype), and a
+        state that does not fit is refused (``ValueError`` naming the parameter, nothing
+        loaded): one saved by another rule, projector, rank, orientation, bit width or
+        ``P`` optimizer (:data:`STATE_DEFINING_KEYS`), with other shapes, or non-finite."""
+        self._check_loadable(state_dict)
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
@@ -475,6 +628,55 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(key, str) and key.endswith((_CODES, _ABSMAX, _SHAPE)):
                     self.state[p][key] = value.to(device=p.device)
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if ``state_dict`` was saved by an optimizer whose maths or
+        state layout differ from this one's (group counts and sizes: torch checks them)."""
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)
+        ):
+            return
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if "rule" not in saved:
+                raise ValueError(f"the state was not saved by a SubspaceOptimizer (param group {index} has no 'rule')")
+            for key in STATE_DEFINING_KEYS:
+                if key in saved and saved[key] != group[key]:
+                    name = self._param_name(group, group["params"][0]) if group["params"] else "(none)"
+                    raise ValueError(
+                        f"the state was saved with {key}={saved[key]!r} for param group {index} (first parameter {name}); "
+                        f"this optimizer has {key}={group[key]!r}"
+                    )
+            for p, saved_id in zip(group["params"], saved["params"]):
+                self._check_param_state(group, p, state_dict["state"].get(saved_id, {}))
+
+    def _check_param_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+        """The saved ``state`` of ``p``: the shapes this optimizer would create, finite values."""
+        name = self._param_name(group, p)
+        for key, value in state.items():
+            if isinstance(value, Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(f"the saved state of parameter {name} holds NaN or Inf in {key!r}")
+        if "step" not in state:
+            return
+        shape = tuple(p.shape)
+        if "proj" in state:
+            if p.dim() != 2 or state.get("rank") != group["rank"]:
+                raise ValueError(f"the saved state of parameter {name} is projected at rank {state.get('rank')}; this optimizer has rank {group['rank']} for its shape {shape}")
+            m, n = shape[::-1] if _transposed(p.shape, group["proj_type"]) else shape
+            meta = torch.empty(m, group["rank"], device="meta")
+            expected = {"proj": meta.shape}
+            if group["projector"] == "online_pca":
+                rule, _ = PROJ_RULES[group["proj_optimizer"]]
+                expected.update({k: v.shape for k, v in rule.init_state(meta, rule.hparams(group), "proj_").items()})
+            like = torch.empty(group["rank"], n, device="meta")
+        else:
+            expected, like = {}, torch.empty(shape, device="meta")
+        rule = RULES[group["rule"]]
+        expected.update({k: v.shape for k, v in rule.init_state(like, rule.hparams(group), "").items()})
+        for key, want in expected.items():
+            have = state[key].shape if isinstance(state.get(key), Tensor) else torch.Size(state[key + _SHAPE].tolist()) if key + _SHAPE in state else None
+            if have is not None and have != want:
+                raise ValueError(f"the saved state of parameter {name} has {key!r} of shape {tuple(have)}; this optimizer's is {tuple(want)} (another model?)")
 
     def _param_index(self, p: Tensor) -> int:
         """Position of ``p`` among all parameters, the same as in ``state_dict()``."""
@@ -485,6 +687,25 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                     return index
                 index += 1
         raise KeyError("parameter not in this optimizer")
+
+
+# Group keys that decide the maths and the layout of the state: a state saved under other values
+# would be run by this optimizer's maths on another's state, so load_state_dict refuses it.
+STATE_DEFINING_KEYS = ("rule", "projector", "rank", "proj_type", "optim_bits", "proj_optimizer")
+
+
+def _check_finite(name: str, value: Any) -> None:
+    """Raise ``ValueError`` if a hyperparameter (a number, or numbers in a tuple, list or dict) is NaN or Inf."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            _check_finite(name, item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(f"{name}[{key!r}]", item)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
 
 
 # 8-bit state of key ``k``: ``k:codes`` (uint8), ``k:absmax`` (float32 per block), ``k:shape``.

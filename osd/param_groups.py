@@ -21,6 +21,7 @@ smaller side whatever the orientation, so both layouts get the same subspace ste
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -100,7 +101,9 @@ def param_groups(
     rank) and ``group_keys`` (e.g. ``update_proj_gap``, ``scale``); everything else
     (embeddings, the head, norms, biases) goes into a last, full-rank group. Parameters are
     passed with their names, so optimizer errors can name them; shared (tied) parameters
-    appear once; frozen ones are left out. Raises ``ValueError`` if no module matches.
+    appear once; frozen ones are left out. Raises ``ValueError`` if no module matches; warns
+    when a given ``rank`` is at least the smaller side of some of the selected weights (those
+    train full-rank).
     """
     weights = {id(module.weight) for module in projected_modules(model, target_modules).values()}
     by_rank: dict[int, list[tuple[str, nn.Parameter]]] = {}
@@ -112,6 +115,8 @@ def param_groups(
             by_rank.setdefault(rank if rank is not None else default_rank(param.shape), []).append((name, param))
         else:
             full_rank.append((name, param))
+    if rank is not None:
+        _notice_full_rank([p for params in by_rank.values() for p in params], rank)
     groups = [{"params": params, "rank": r, **group_keys} for r, params in by_rank.items()]
     if full_rank:
         groups.append({"params": full_rank})
@@ -142,3 +147,16 @@ def describe(groups: Sequence[dict[str, Any]]) -> str:
         f"projected {count} weight matrices ({ranks or 'none'}; {share:.0%} of {total:,} parameters); "
         f"the other {full:,} parameters train full-rank"
     )
+
+
+def _notice_full_rank(projected: list[tuple[str, nn.Parameter]], rank: int) -> None:
+    """Warn that weights with ``min(m, n) <= rank`` are selected for projection but train full-rank."""
+    full = [(name, p) for name, p in projected if rank is not None and p.dim() == 2 and rank >= min(p.shape)]
+    if full:
+        name, p = full[0]
+        every = "all" if len(full) == len(projected) else f"{len(full)} of the {len(projected)}"
+        warnings.warn(
+            f"rank {rank} is at least the smaller side of {every} projected weights (e.g. {name}: "
+            f"{p.shape[0]}x{p.shape[1]}); they train full-rank, with full-size optimizer states",
+            stacklevel=3,
+        )

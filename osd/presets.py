@@ -8,6 +8,7 @@ full-rank optimizer; ``adamw`` is ``torch.optim.AdamW`` itself.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Iterable
 
 import torch
@@ -29,6 +30,8 @@ __all__ = [
     "GaLoreAdafactor",
     "OSDSGD",
     "GaLoreSGD",
+    "GaLoreAdamW8bit",
+    "OSDAdamW8bit",
     "optimizer_names",
     "create_optimizer",
 ]
@@ -36,16 +39,23 @@ __all__ = [
 METHODS: dict[str, str] = {"osd": "online_pca", "galore": "svd", "golore": "random"}
 
 
-def _named(class_name: str, method: str, rule: str) -> type[SubspaceOptimizer]:
+# The conventions each method's named classes default to (see osd.compat): GaLore's and
+# GoLore's reference codes are galore_torch's HF-style AdamW; OSD's classes keep torch's.
+METHOD_COMPAT: dict[str, str | None] = {"osd": None, "galore": "galore_torch", "golore": "galore_torch"}
+
+
+def _named(class_name: str, method: str, rule: str, **class_defaults: Any) -> type[SubspaceOptimizer]:
     projector = METHODS[method]
 
-    def __init__(self, params: Iterable[Any], lr: float | None = None, **kwargs: Any) -> None:
-        SubspaceOptimizer.__init__(self, params, lr, rule=rule, projector=projector, **kwargs)
+    def __init__(self, params: Iterable[Any], lr: float | None = None, *, compat: str | None = METHOD_COMPAT[method], **kwargs: Any) -> None:
+        SubspaceOptimizer.__init__(self, params, lr, rule=rule, projector=projector, compat=compat, **{**class_defaults, **kwargs})
 
+    conventions = f"``compat={METHOD_COMPAT[method]!r}``" + (f", {class_defaults}" if class_defaults else "")
     doc = (
         f"{class_name}: the ``{rule}`` rule in a subspace moved by the ``{projector}`` projector.\n\n"
-        f"Same as ``SubspaceOptimizer(params, lr, rule={rule!r}, projector={projector!r}, **kwargs)``; "
-        f"param groups with a ``rank`` are projected, the others train full-rank. Default lr: {DEFAULT_LR[rule]}."
+        f"Same as ``SubspaceOptimizer(params, lr, rule={rule!r}, projector={projector!r}, **kwargs)`` with the "
+        f"defaults {conventions} (see :mod:`osd.compat`); param groups with a ``rank`` are projected, the others "
+        f"train full-rank. Default lr: {DEFAULT_LR[rule]}."
     )
     return type(class_name, (SubspaceOptimizer,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
@@ -60,6 +70,12 @@ OSDAdafactor = _named("OSDAdafactor", "osd", "adafactor")
 GaLoreAdafactor = _named("GaLoreAdafactor", "galore", "adafactor")
 OSDSGD = _named("OSDSGD", "osd", "sgd")
 GaLoreSGD = _named("GaLoreSGD", "galore", "sgd")
+# galore_torch's GaLoreAdamW8bit is bitsandbytes' AdamW8bit (eps 1e-8 on the bias-corrected
+# sqrt(v), weight decay 0.01, applied after the update for projected weights): here, 8-bit
+# block-wise states (osd.quantization) with those defaults.
+_BNB_ADAMW8BIT = {"optim_bits": 8, "eps": 1e-8, "eps_placement": "torch", "weight_decay": 1e-2}
+GaLoreAdamW8bit = _named("GaLoreAdamW8bit", "galore", "adamw", **_BNB_ADAMW8BIT)
+OSDAdamW8bit = _named("OSDAdamW8bit", "osd", "adamw", optim_bits=8)
 
 
 def optimizer_names() -> list[str]:
@@ -102,10 +118,10 @@ def create_optimizer(
     if not method:
         if rank is not None:
             raise ValueError(f"optimizer {name!r} is full-rank; rank={rank} applies only to osd_/galore_/golore_ optimizers")
-        subspace_only = {k: v for k, v in kwargs.items() if k in SUBSPACE_DEFAULTS and v != SUBSPACE_DEFAULTS[k]}
+        torch_keys = set(inspect.signature(torch.optim.AdamW).parameters) - {"params", "lr"}
+        subspace_only = {k: v for k, v in kwargs.items() if k not in torch_keys and SUBSPACE_DEFAULTS.get(k, object()) != v}
         if name == "adamw" and torch_adamw and not subspace_only:
-            kwargs = {k: v for k, v in kwargs.items() if k not in SUBSPACE_DEFAULTS}
-            return torch.optim.AdamW(model.parameters(), lr=lr, **kwargs)
+            return torch.optim.AdamW(model.parameters(), lr=lr, **{k: v for k, v in kwargs.items() if k in torch_keys})
         groups = [{"params": list(model.named_parameters())}]
         return SubspaceOptimizer(_embeddings_apart(model, groups, kwargs), lr, rule=rule, projector="identity", **kwargs)
     groups = param_groups(model, rank=rank, target_modules=target_modules)

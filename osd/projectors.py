@@ -55,14 +55,28 @@ def refresh_due(state: dict[str, Any], group: dict[str, Any]) -> bool:
     return state["step"] % group["update_proj_gap"] == 0 and state.get("basis_step") != state["step"]
 
 
-def _svd_or_fallback(G: Tensor, rank: int, state: dict[str, Any]) -> Tensor:
-    """GaLore's basis of ``G`` (canonical orientation), with GaLore's singular-vector signs.
+SVD_METHODS = ("svd", "eigh", "randomized")
 
-    The SVD is taken of the weight's own gradient (``G^T`` when transposed), as
-    ``galore_torch`` does. Should LAPACK fail to converge, the previous ``P`` is kept (or a
-    random basis drawn if there is none) with a warning, instead of crashing the run.
+
+def _svd_or_fallback(G: Tensor, rank: int, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+    """The top-``rank`` singular basis of ``G`` (canonical orientation), by ``group["svd_method"]``:
+
+    - ``"svd"`` (default): GaLore's, a full SVD of the weight's own gradient (``G^T`` when
+      transposed), so the singular vectors, signs included, are the ones ``galore_torch`` gets;
+    - ``"eigh"``: the same subspace from ``eigh(G G^T)`` (:func:`osd.functional.eigh_basis`);
+    - ``"randomized"``: randomized range finding with ``group["svd_niter"]`` power iterations
+      (:func:`osd.functional.randomized_basis`), its Gaussian drawn from this parameter's seed
+      and step. An approximation: a different update, named by the option.
+
+    Should LAPACK fail to converge, the previous ``P`` is kept (or a random basis drawn if
+    there is none) with a warning, instead of crashing the run.
     """
+    method = group["svd_method"]
     try:
+        if method == "eigh":
+            return F.eigh_basis(G, rank)
+        if method == "randomized":
+            return F.randomized_basis(G, rank, group["svd_niter"], _generator(state, state["step"], _RANGE_FINDER))
         if state["transposed"]:
             return F.svd_basis(G.mT, rank, side="right")
         return F.svd_basis(G, rank, side="left")
@@ -73,16 +87,25 @@ def _svd_or_fallback(G: Tensor, rank: int, state: dict[str, Any]) -> Tensor:
         return F.random_basis(G.shape[0], rank, _generator(state, 0), G.dtype, G.device)
 
 
-def _generator(state: dict[str, Any], step: int) -> torch.Generator:
-    """A CPU generator for this parameter and step: the same on every device, rank and resume."""
-    return torch.Generator().manual_seed(hash((state["seed"], step)) % (2**63))
+_RANGE_FINDER = 1  # stream tag: the range finder's draws are independent of GoLore's bases
+
+
+def _generator(state: dict[str, Any], step: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator for this parameter, step and stream: the same on every device, rank and resume."""
+    seed = hash((state["seed"], step)) if stream == 0 else hash((state["seed"], step, stream))
+    return torch.Generator().manual_seed(seed % (2**63))
 
 
 class Projector:
-    """The identity: no projection. Used for full-rank parameters."""
+    """The identity: no projection. Used for full-rank parameters.
+
+    ``defaults``: the group keys this rule owns, with their defaults; the optimizer merges
+    them into its groups and refuses them in a group whose projector is another one.
+    """
 
     name = "identity"
     projects = False
+    defaults: dict[str, Any] = {}
 
     def validate(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` naming a bad group hyperparameter of this rule."""
@@ -109,7 +132,7 @@ class SVDProjector(Projector):
 
     def prepare(self, state: dict[str, Any], G: Tensor, group: dict[str, Any]) -> None:
         if refresh_due(state, group):
-            state["proj"] = _svd_or_fallback(G, state["rank"], state)
+            state["proj"] = _svd_or_fallback(G, state["rank"], state, group)
 
     def needs_grad(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
         return state["step"] % group["update_proj_gap"] == 0
@@ -117,25 +140,32 @@ class SVDProjector(Projector):
 
 class RandomProjector(Projector):
     """GoLore: ``P`` drawn uniformly from the orthonormal ``m x r`` matrices every
-    ``update_proj_gap`` steps; SVD (GaLore) instead for the first
-    ``svd_fraction * total_steps`` steps (GoLore@20%: ``svd_fraction=0.2``)."""
+    ``update_proj_gap`` steps.
+
+    GoLore's practical schedule runs GaLore (SVD) first and random bases only near the end:
+    with ``svd_until=f`` and ``total_steps=N``, a refresh at step ``t < f * N`` takes the SVD
+    and one at ``t >= f * N`` a random basis (GoLore's code: ``rand_ratio``, the same switch).
+    "GoLore@20%" (random for the last 20% of training) is ``svd_until=0.8``; the default 0
+    is random from the start.
+    """
 
     name = "random"
     projects = True
+    defaults: dict[str, Any] = {"svd_until": 0.0, "total_steps": None}
 
     def validate(self, group: dict[str, Any]) -> None:
-        fraction, total = group["svd_fraction"], group["total_steps"]
-        if not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"svd_fraction must be in [0, 1], got {fraction!r}")
+        fraction, total = group["svd_until"], group["total_steps"]
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"svd_until (the fraction of total_steps that uses SVD before random bases) must be in [0, 1], got {fraction!r}")
         if fraction > 0 and (not isinstance(total, int) or isinstance(total, bool) or total <= 0):
-            raise ValueError(f"svd_fraction > 0 needs total_steps, a positive int; got {total!r}")
+            raise ValueError(f"svd_until > 0 needs total_steps, a positive int; got {total!r}")
 
     def prepare(self, state: dict[str, Any], G: Tensor, group: dict[str, Any]) -> None:
         step = state["step"]
         if not refresh_due(state, group):
             return
-        if group["svd_fraction"] > 0 and step < group["svd_fraction"] * group["total_steps"]:
-            state["proj"] = _svd_or_fallback(G, state["rank"], state)
+        if group["svd_until"] > 0 and step < group["svd_until"] * group["total_steps"]:
+            state["proj"] = _svd_or_fallback(G, state["rank"], state, group)
         else:
             state["proj"] = F.random_basis(G.shape[0], state["rank"], _generator(state, step), G.dtype, G.device)
 
@@ -152,6 +182,14 @@ class OnlinePCAProjector(Projector):
 
     name = "online_pca"
     projects = True
+    defaults: dict[str, Any] = {
+        "alpha": 5.0,
+        "ortho_reg": 0.1,
+        "proj_optimizer": "adam",
+        "proj_optimizer_args": {},
+        "proj_lr_rule": "alpha",
+        "max_lr": None,
+    }
 
     @staticmethod
     def _proj_rule(group: dict[str, Any]):
@@ -178,18 +216,31 @@ class OnlinePCAProjector(Projector):
         rule.validate(self._proj_rule(group)[1])
 
     def init_state(self, state: dict[str, Any], G: Tensor, rank: int, group: dict[str, Any]) -> None:
-        state["proj"] = _svd_or_fallback(G, rank, state)
+        state["proj"] = _svd_or_fallback(G, rank, state, group)
         rule, hparams = self._proj_rule(group)
         state.update(rule.init_state(state["proj"], hparams, "proj_"))
 
     def advance(self, state: dict[str, Any], G: Tensor, R: Tensor, grad_norm: Tensor, group: dict[str, Any]) -> None:
+        """Move ``P`` by one step of its optimizer, except on the step whose gradient initialised it.
+
+        At that step ``P`` is the top-``r`` basis of ``G`` itself, so the online-PCA gradient is
+        round-off (~1e-7 against ~1e-2 a step later); a normalising optimizer such as Adam would
+        turn it into a full-size move in a random direction (the released code, likewise, has no
+        ``P`` gradient at ``t = 0``). ``P``'s optimizer therefore counts its own steps: its
+        ``k``-th step (bias correction included) happens at the parameter's step ``k``.
+        """
+        if state["step"] == 0:
+            return
         P = state["proj"]
         rule, hparams = self._proj_rule(group)
         # A zero gradient leaves only the orthonormality term: clamp instead of branching on
         # the norm, which would synchronise with the device.
         loss_grad = F.online_pca_grad(P, G, group["ortho_reg"], R=R, grad_norm=grad_norm.clamp_min(1e-30))
-        direction = rule.direction(loss_grad, state, hparams, state["step"] + 1, "proj_")
         lr = proj_lr(group)
+        if rule.torch_step is not None and rule.torch_step_allows(hparams):
+            rule.torch_step([P], [loss_grad], [state], hparams, lr, [state["step"]], "proj_")  # one fused pass
+            return
+        direction = rule.direction(loss_grad, state, hparams, state["step"], "proj_")
         if hparams["weight_decay"]:
             P.mul_(1.0 - lr * hparams["weight_decay"])
         P.add_(direction, alpha=-lr)

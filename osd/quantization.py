@@ -10,9 +10,11 @@ float32.
 
 The code maps, block scaling and dequantisation are torchao's (``torchao.optim``), the same
 as behind its ``AdamW8bit``; they are plain PyTorch ops, so they run on CPU and GPU alike.
-The nearest-code search is ``torch.bucketize`` over the midpoints of the map: torchao's
-branchless binary search is written to be fused by ``torch.compile`` and, run eagerly, is
-about 4x slower on this CPU; the codes are the same (ties round up in both). What is stored are two plain tensors, so ``state_dict()`` still loads with
+The nearest code is found by table lookup on a float's top 16 bits (:func:`_nearest_codes`),
+the same codes as ``torch.bucketize`` over the midpoints of the map (tested) at ~20x less
+time on this CPU; torchao's branchless binary search is written to be fused by
+``torch.compile`` and, run eagerly, is slower still (ties round up in all three).
+What is stored are two plain tensors, so ``state_dict()`` still loads with
 ``torch.load(weights_only=True)`` (torchao's tensor subclass would not).
 """
 
@@ -30,9 +32,11 @@ __all__ = ["BLOCK_SIZE", "quantize", "dequantize", "quantized_nbytes"]
 BLOCK_SIZE = 256
 
 
+@cache
 def _quant_utils():
     """torchao's quantisation helpers, imported on first use (torchao takes seconds to
-    import and logs warnings about CUDA kernels it cannot load on a CPU-only machine)."""
+    import and logs warnings about CUDA kernels it cannot load on a CPU-only machine).
+    Cached: the logger's level is silenced and restored once, not on every (de)quantisation."""
     logger = logging.getLogger("torchao")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -56,6 +60,36 @@ def _midpoints(signed: bool, device: torch.device) -> Tensor:
     return (code_map[1:] + code_map[:-1]) / 2
 
 
+@cache
+def _code_lookup(signed: bool, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Tables that find the nearest code without a search, keyed by a float32's top 16 bits
+    (sign, exponent and 7 mantissa bits), which fix the interval of floats it lies in:
+    ``below[k]``, how many midpoints of the code map lie below that interval, and
+    ``inside[k]``, the one midpoint inside it (+inf if none). Every interval holds at most
+    one midpoint (checked: the codes are 1.4% or more apart, the intervals 0.8% wide)."""
+    midpoints = _midpoints(signed, torch.device("cpu"))
+    patterns = [(k << 16) - (1 << 32) if k >= 1 << 15 else k << 16 for k in range(1 << 16)]
+    first = torch.tensor(patterns, dtype=torch.int32)
+    ends = (first.view(torch.float32), (first | 0xFFFF).view(torch.float32))
+    low, high = torch.minimum(*ends), torch.maximum(*ends)  # negative floats run backwards
+    below = torch.searchsorted(midpoints, low)
+    candidate = midpoints[below.clamp(max=len(midpoints) - 1)]
+    holds = (below < len(midpoints)) & (candidate <= high)
+    if ((torch.searchsorted(midpoints, high, right=True) - below) > 1).any():
+        raise AssertionError("an interval of the code lookup holds two midpoints")
+    inside = torch.where(holds, candidate, torch.tensor(math.inf))
+    return below.to(device=device, dtype=torch.uint8), inside.to(device)
+
+
+def _nearest_codes(scaled: Tensor, signed: bool) -> Tensor:
+    """``torch.bucketize(scaled, midpoints, right=True)`` as uint8 (the index of the nearest
+    code, ties rounding up), by table lookup (:func:`_code_lookup`): about 5x faster on a CPU."""
+    below, inside = _code_lookup(signed, scaled.device)
+    keys = (scaled.view(torch.int32) >> 16) & 0xFFFF
+    codes = below.index_select(0, keys)
+    return codes.add_(scaled >= inside.index_select(0, keys))
+
+
 def _padded_numel(numel: int) -> int:
     return math.ceil(numel / BLOCK_SIZE) * BLOCK_SIZE
 
@@ -71,12 +105,16 @@ def quantize(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     and the float32 absolute maximum of each block. ``signed=False`` for tensors that are
     never negative (it spends all 256 codes on [0, 1])."""
     flat = x.detach().reshape(-1).float()
-    padded = torch.nn.functional.pad(flat, (0, _padded_numel(flat.numel()) - flat.numel()))
-    scaled, absmax = _quant_utils().scale_tensor(padded, BLOCK_SIZE)
-    return torch.bucketize(scaled, _midpoints(signed, x.device), right=True).to(torch.uint8), absmax
+    missing = _padded_numel(flat.numel()) - flat.numel()
+    blocks = (torch.nn.functional.pad(flat, (0, missing)) if missing else flat).view(-1, BLOCK_SIZE)
+    # torchao's block scaling (``quant_utils.scale_tensor``).
+    absmax = blocks.abs().amax(1).clip_(1e-12)
+    scaled = (blocks / absmax.unsqueeze(1)).view(-1)
+    return _nearest_codes(scaled, signed), absmax
 
 
 def dequantize(codes: Tensor, absmax: Tensor, signed: bool, shape: torch.Size) -> Tensor:
     """The float32 tensor of ``shape`` that ``codes`` and ``absmax`` stand for."""
-    flat = _quant_utils().dequant_with_qmap(codes, _code_map(signed, codes.device), absmax)
-    return flat[: math.prod(shape)].view(shape)
+    # torchao's ``quant_utils.dequant_with_qmap``, scaling in place.
+    blocks = _code_map(signed, codes.device).index_select(0, codes.int()).view(absmax.shape[0], -1).mul_(absmax.unsqueeze(1))
+    return blocks.view(-1)[: math.prod(shape)].view(shape)

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.optim.adamw import adamw as torch_adamw
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from osd import functional as F
 
@@ -46,10 +48,20 @@ class UpdateRule:
         init_state: ``(like, hparams, prefix) -> {key: zeros}``, the state for a gradient
             shaped like ``like``.
         direction: ``(grad, state, hparams, step, prefix) -> D``; ``step`` counts from 1.
-        finalize: applied to the full-size update after projecting back (identity for all
-            rules but Lion with ``sign_space="full"``).
+        finalize: ``(update, scale, hparams) -> (update, scale)``, applied to the full-size
+            update after projecting back, with the factor ``scale`` the caller will apply
+            (GaLore's ``scale``; 1 for full-rank weights). The identity for all rules but Lion
+            with ``sign_space="full"`` / ``"full_unscaled"``.
         nonnegative_states: state keys (without prefix) that are never negative; 8-bit
             storage spends all its codes on [0, 1] for them.
+        finalizes: whether ``finalize`` is more than the identity with these hyperparameters
+            (else the caller may fuse projecting back into the weight update).
+        torch_step: ``(params, grads, states, hparams, lr, steps, prefix) -> None``: the
+            whole update ``W <- (1 - lr wd) W - lr D`` of tensors stepped as parameters (full-rank
+            weights; OSD's ``P``) at steps ``steps`` (from 1), states (keys with ``prefix``)
+            in place, by torch's own fused kernels; or None. Used where
+            ``torch_step_allows(hparams)`` is true.
+        torch_step_allows: whether torch's kernels compute this rule with these hyperparameters.
     """
 
     name: str
@@ -57,8 +69,11 @@ class UpdateRule:
     validate: Callable[[dict[str, Any]], None]
     init_state: Callable[[Tensor, dict[str, Any], str], dict[str, Tensor]]
     direction: Callable[[Tensor, dict[str, Tensor], dict[str, Any], int, str], Tensor]
-    finalize: Callable[[Tensor, dict[str, Any]], Tensor] = lambda update, hparams: update
+    finalize: Callable[[Tensor, float, dict[str, Any]], tuple[Tensor, float]] = lambda update, scale, hparams: (update, scale)
     nonnegative_states: tuple[str, ...] = ()
+    torch_step: Callable[..., None] | None = None
+    finalizes: Callable[[dict[str, Any]], bool] = lambda hparams: False
+    torch_step_allows: Callable[[dict[str, Any]], bool] = lambda hparams: False
 
     def hparams(self, source: dict[str, Any]) -> dict[str, Any]:
         """This rule's hyperparameters, read from ``source`` with the rule's defaults behind it."""
@@ -68,10 +83,20 @@ class UpdateRule:
 # --- AdamW ----------------------------------------------------------------------------
 
 
+EPS_PLACEMENTS = ("torch", "hf")
+
+
 def _adamw_validate(h: dict[str, Any]) -> None:
     _check_betas("betas", h["betas"])
     _check_nonnegative("eps", h["eps"])
     _check_nonnegative("weight_decay", h["weight_decay"])
+    if not isinstance(h["correct_bias"], bool):
+        raise ValueError(f"correct_bias must be True or False, got {h['correct_bias']!r}")
+    if h["eps_placement"] not in EPS_PLACEMENTS:
+        raise ValueError(
+            f"eps_placement must be one of {EPS_PLACEMENTS} ('torch': eps added to the bias-corrected sqrt(v), as "
+            f"torch.optim.AdamW; 'hf': to the raw sqrt(v), as Hugging Face's and galore_torch's AdamW), got {h['eps_placement']!r}"
+        )
 
 
 def _adamw_init(like: Tensor, h: dict, prefix: str) -> dict[str, Tensor]:
@@ -81,24 +106,58 @@ def _adamw_init(like: Tensor, h: dict, prefix: str) -> dict[str, Tensor]:
     }
 
 
+def _torch_kernels_compute(h: dict[str, Any]) -> bool:
+    """Whether torch's AdamW kernels compute these hyperparameters (torch's eps placement, bias correction)."""
+    return h["eps_placement"] == "torch" and h["correct_bias"]
+
+
+def _torch_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], steps: list[int], h: dict[str, Any], lr: Any, weight_decay: float) -> None:
+    """torch's AdamW update ``W <- (1 - lr wd) W - lr D`` (``D`` of :func:`osd.functional.adamw_direction`,
+    torch's eps placement) of every ``params[i]`` at its step ``steps[i]`` (from 1), in place:
+    the fused kernel (one pass over each tensor) where the device has one, else ``foreach``."""
+    fused = all(p.device.type in _get_fused_kernels_supported_devices() for p in params)
+    beta1, beta2 = h["betas"]
+    # torch keeps step counts in tensors and advances them before use.
+    counts = [torch.tensor(float(t - 1), dtype=torch.float32, device=p.device if fused else "cpu") for t, p in zip(steps, params)]
+    torch_adamw(params, grads, exp_avgs, exp_avg_sqs, [], counts, foreach=not fused, fused=fused, amsgrad=False,
+                beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=h["eps"], maximize=False)
+
+
 def _adamw_direction(grad: Tensor, state: dict, h: dict, step: int, prefix: str) -> Tensor:
     beta1, beta2 = h["betas"]
-    return F.adamw_direction(grad, state[prefix + "exp_avg"], state[prefix + "exp_avg_sq"], step, beta1, beta2, h["eps"])
+    exp_avg, exp_avg_sq = state[prefix + "exp_avg"], state[prefix + "exp_avg_sq"]
+    if _torch_kernels_compute(h) and grad.dtype == exp_avg.dtype:
+        # D in one pass: torch's kernel steps a zero "parameter" with lr = -1, leaving +D in it.
+        direction = torch.zeros_like(grad, memory_format=torch.contiguous_format)
+        _torch_adamw([direction], [grad.contiguous()], [exp_avg], [exp_avg_sq], [step], h, -1.0, 0.0)
+        return direction
+    return F.adamw_direction(grad, exp_avg, exp_avg_sq, step, beta1, beta2, h["eps"], h["correct_bias"], h["eps_placement"] == "hf")
+
+
+def _adamw_torch_step(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], h: dict[str, Any], lr: Any, steps: list[int], prefix: str = "") -> None:
+    _torch_adamw(params, grads, [s[prefix + "exp_avg"] for s in states], [s[prefix + "exp_avg_sq"] for s in states], steps, h, lr, h["weight_decay"])
 
 
 ADAMW = UpdateRule(
     name="adamw",
-    defaults={"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+    defaults={"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "correct_bias": True, "eps_placement": "torch"},
     validate=_adamw_validate,
     init_state=_adamw_init,
     direction=_adamw_direction,
     nonnegative_states=("exp_avg_sq",),
+    torch_step=_adamw_torch_step,
+    torch_step_allows=_torch_kernels_compute,
 )
 
 
 # --- Lion -----------------------------------------------------------------------------
 
-SIGN_SPACES = ("subspace", "full")
+# Where Lion takes its sign (``c = b1 m + (1 - b1) R``, ``r x n``):
+# "subspace": ``scale * P sign(c)``, the whole optimizer in the subspace (the paper's formulation);
+# "full": ``scale * sign(P c)``, entries +-scale;
+# "full_unscaled": ``sign(scale * P c) = sign(P c)``, entries +-1: the released OSD code, where
+#   ``scale`` has no effect.
+SIGN_SPACES = ("subspace", "full", "full_unscaled")
 
 
 def _lion_validate(h: dict[str, Any]) -> None:
@@ -117,8 +176,10 @@ def _lion_direction(grad: Tensor, state: dict, h: dict, step: int, prefix: str) 
     return F.lion_direction(grad, state[prefix + "exp_avg"], beta1, beta2, apply_sign=h["sign_space"] == "subspace")
 
 
-def _lion_finalize(update: Tensor, h: dict[str, Any]) -> Tensor:
-    return update.sign_() if h["sign_space"] == "full" else update
+def _lion_finalize(update: Tensor, scale: float, h: dict[str, Any]) -> tuple[Tensor, float]:
+    if h["sign_space"] == "subspace":
+        return update, scale
+    return update.sign_(), scale if h["sign_space"] == "full" else 1.0
 
 
 LION = UpdateRule(
@@ -128,6 +189,7 @@ LION = UpdateRule(
     init_state=_lion_init,
     direction=_lion_direction,
     finalize=_lion_finalize,
+    finalizes=lambda h: h["sign_space"] != "subspace",
 )
 
 

@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from osd import checkpoint, distributed
+from osd.checkpoint import CheckpointError
 from osd.config import ConfigError, TrainConfig, build_parser, config_from_args
 from osd.data import DataError, PackedBatches, load_documents, load_tokenizer, validation_batches
 from osd.layerwise import LayerwiseUpdates
@@ -37,6 +39,7 @@ from osd.memory import state_bytes
 from osd.models import build_model, llama_config
 from osd.presets import create_optimizer
 from osd.run_log import RunLog, banner, log_mode
+from osd.runs import DivergenceCheck, Interrupted, RunError, StopRequests, check_out_dir, restore, start_run_files
 from osd.schedule import warmup_cosine
 from osd.spread import spread_refreshes
 
@@ -74,7 +77,7 @@ def evaluate(
     model.train(was_training)
     total, count = distributed.all_sum([total, count], parallel)
     mean = total / count
-    return mean, math.exp(mean)
+    return mean, math.exp(mean) if not mean > 709.0 else math.inf  # exp overflows a float past 709
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -101,7 +104,10 @@ def _subspace_kwargs(config: TrainConfig) -> dict[str, Any]:
         kwargs.update(rank=config.rank, update_proj_gap=config.update_proj_gap, scale=config.scale, seed=config.seed)
     if method == "osd":
         kwargs.update(alpha=config.alpha, ortho_reg=config.ortho_reg, proj_optimizer=config.proj_optimizer, proj_lr_rule=config.proj_lr_rule)
-    return kwargs
+    extra = config.extra_optimizer_kwargs()
+    if method == "golore" and extra.get("svd_until"):
+        kwargs["total_steps"] = config.total_steps  # GoLore's switch is a fraction of the run
+    return {**kwargs, **extra}
 
 
 def build_training_model(config: TrainConfig, vocab_size: int, device: torch.device) -> torch.nn.Module:
@@ -196,21 +202,16 @@ def _parallel(config: TrainConfig) -> distributed.Parallel:
     return parallel
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines logged after the checkpoint a run resumes from."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in lines))
-
-
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) the training described by ``config``; return the final metrics."""
+    """Run (or resume) the training described by ``config``; return the final metrics.
+
+    Nothing in ``--out-dir`` changes until every check has passed (settings, data, tokenizer,
+    model, checkpoint). Raises :class:`RunError` on divergence or a failed save (the last
+    checkpoint kept) and :class:`Interrupted` after saving on SIGINT/SIGTERM.
+    """
     parallel = _parallel(config)
     device = parallel.device
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if parallel.is_main:
-        (out_dir / "config.json").write_text(config.to_json())
+    out_dir = check_out_dir(config)
     checkpoint_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
 
     train_docs = load_documents(config.data, "train", val_docs=config.val_docs)
@@ -228,42 +229,31 @@ def train(config: TrainConfig) -> dict[str, Any]:
     scheduler = warmup_cosine(optimizer, config.warmup, config.total_steps, config.min_lr_ratio)
 
     step, tokens_seen = 0, 0
-    if config.resume and checkpoint_path.exists():
-        saved = checkpoint.load(checkpoint_path)
-        distributed.load_model_state_dict(model, saved["model"])
-        distributed.load_optimizer_state_dict(optimizer, saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        batches.load_state_dict(saved["data"])
-        checkpoint.set_rng_state(saved["rng"])
-        step, tokens_seen = saved["step"], saved["tokens"]
-        if parallel.is_main:
-            _truncate_metrics(metrics_path, step)
-    elif metrics_path.exists() and parallel.is_main:
-        metrics_path.unlink()
+    if config.resume:
+        step, tokens_seen = restore(checkpoint_path, config, model, optimizer, scheduler, batches)
+    if parallel.is_main:
+        start_run_files(out_dir, config, step)
+    saved_step = step if config.resume else None
 
     def save() -> None:
         # Gathering sharded tensors is collective: every rank takes part, rank 0 writes.
+        nonlocal saved_step
         state = {"model": distributed.model_state_dict(model), "optimizer": distributed.optimizer_state_dict(optimizer)}
-        if not parallel.is_main:
-            return
-        checkpoint.atomic_save(
-            {
-                **state,
-                "scheduler": scheduler.state_dict(),
-                "data": batches.state_dict(),
-                "rng": checkpoint.rng_state(),
-                "step": step,
-                "tokens": tokens_seen,
-                "config": json.loads(config.to_json()),
-            },
-            checkpoint_path,
-        )
+        if parallel.is_main:
+            extra = {"scheduler": scheduler.state_dict(), "data": batches.state_dict(), "rng": checkpoint.rng_state()}
+            run = {"step": step, "tokens": tokens_seen, "config": json.loads(config.to_json())}
+            try:
+                checkpoint.atomic_save({**state, **extra, **run}, checkpoint_path)
+            except CheckpointError as error:
+                raise RunError(f"{error}; the run stops at step {step}") from None
+        saved_step = step
 
     last_step = min(config.total_steps, config.stop_at_step or config.total_steps)
+    diverged = DivergenceCheck(tokenizer.vocab_size, patience=3 if config.divergence_check else math.inf)
     record: dict[str, Any] = {}
     state_total: int | None = None
     log = start_log(config, parallel, step, banner(config, distributed.unwrap(model), optimizer, tokenizer.vocab_size, parallel.world_size))
-    with metrics_path.open("a") if parallel.is_main else contextlib.nullcontext() as metrics:
+    with StopRequests() as stop, metrics_path.open("a") if parallel.is_main else contextlib.nullcontext() as metrics:
         while step < last_step:
             started = time.perf_counter()
             # Every rank reads the whole global step (the batches one process would read) and
@@ -271,7 +261,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
             micro_batches = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(config.accumulation)]
             read_tokens = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
             lr = optimizer.param_groups[0]["lr"]
-            train_loss = train_step(model, optimizer, micro_batches, config.grad_clip, layerwise, parallel, config.spread_svd)
+            try:
+                train_loss = train_step(model, optimizer, micro_batches, config.grad_clip, layerwise, parallel, config.spread_svd)
+            except FloatingPointError as error:  # a subspace optimizer refuses a non-finite gradient
+                train_loss, cause = math.nan, str(error).split(";")[0]
+            else:
+                cause = diverged(train_loss)
             scheduler.step()
             if config.check_sync:
                 distributed.check_replicas(model, optimizer, parallel)
@@ -288,14 +283,22 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "optimizer_state_bytes": state_total,
                 "peak_memory_bytes": peak_memory_bytes(device),
             }
-            if step % config.eval_interval == 0 or step == config.total_steps:
+            if cause is None and (step % config.eval_interval == 0 or step == config.total_steps):
                 record["val_loss"], record["val_ppl"] = evaluate(model, val_batches, device, parallel)
             if metrics is not None:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                _write_metrics(metrics, record, saved_step)
+            if cause is not None:
+                log.close()
+                kept = f"the checkpoint of step {saved_step} is kept" if saved_step is not None else "no checkpoint was written"
+                raise RunError(f"training diverged at step {step}: {cause}; stopped without saving ({kept}); lower --lr (now {optimizer.defaults['lr'] if config.lr is None else config.lr}) or lengthen the warmup")
             log.step(record)
-            if (config.save_interval and step % config.save_interval == 0) or step == last_step:
+            signum = stop.requested(parallel)
+            periodic = config.save_interval and step % config.save_interval == 0 and not diverged.suspect
+            if periodic or step == last_step or signum:
                 save()
+            if signum:
+                log.close()
+                raise Interrupted(signum, step, checkpoint_path)
     log.close()
     log.print(f"wrote {', '.join(str(out_dir / name) for name in ('config.json', 'metrics.jsonl', 'checkpoint.pt'))}"
               + (f", {out_dir / 'tensorboard'}" if config.tensorboard else ""))
@@ -314,21 +317,41 @@ def start_log(config: TrainConfig, parallel: distributed.Parallel, step: int, st
     return log
 
 
+def _write_metrics(metrics: Any, record: dict[str, Any], saved_step: int | None) -> None:
+    try:
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+    except OSError as error:
+        kept = f"the checkpoint of step {saved_step} is kept" if saved_step is not None else "no checkpoint was written"
+        raise RunError(f"cannot write {metrics.name}: {error.strerror or error}; the run stops at step {record['step']} ({kept})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; bad input is reported in one line (exit status 2)."""
     return run(build_parser().parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train from parsed ``osd train`` arguments; bad input is one line on stderr, status 2."""
+    """Train from parsed ``osd train`` arguments. Every failure is one line on stderr: bad
+    input (settings, data, a checkpoint that does not fit) exits 2, a run that fails
+    (divergence, a failed save) 1, an interrupted one ``128 + signal`` after saving."""
     try:
         config = config_from_args(args)
         with distributed.launched(config.device):
             result = train(config)
             main_process = distributed.is_main_process()
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, CheckpointError) as error:
         print(f"osd train: error: {error}", file=sys.stderr)
         return 2
+    except RunError as error:
+        print(f"osd train: error: {error}", file=sys.stderr)
+        return 1
+    except Interrupted as interrupted:
+        print(f"osd train: {interrupted}", file=sys.stderr)
+        return 128 + interrupted.signum
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C (a save in progress stays aside in its .tmp)
+        print("osd train: interrupted at once (a second Ctrl-C, or before the first step); the last complete checkpoint, if any, is kept", file=sys.stderr)
+        return 128 + signal.SIGINT
     if "val_ppl" in result and main_process:
         print(f"step {result['step']}: validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}")
     return 0

@@ -180,7 +180,7 @@ def test_tokenizer_directory_loads_with_auto_tokenizer(shared_dir: Path, tmp_pat
         ("missing.json", None, "tokenizer file not found: .*missing.json"),
         ("missing.model", None, "tokenizer file not found: .*missing.model"),
         ("broken.json", "{not json", "cannot read tokenizers JSON .*broken.json: "),
-        ("vocab.json", '{"a": 0, "b": 1}', "cannot read tokenizers JSON .*vocab.json: "),
+        ("vocab.json", '{"a": 0, "b": 1}', "vocab.json is JSON but not a Hugging Face tokenizers file"),
         ("broken.model", "not a protobuf", "cannot read SentencePiece model .*broken.model: "),
     ],
 )

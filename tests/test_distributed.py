@@ -10,12 +10,10 @@ The single-process references run on one thread, as torchrun's processes do
 matches the single process to the last bit here; the tests allow 1e-5 relative.
 
 FSDP2 reduces norms from shards (``sqrt(a^2 + b^2)``), so its gradient norm, clipping
-factor and online-PCA ``Gn`` differ from DDP's in the last bits. GaLore and GoLore stay
-within 1e-5. OSD with Adam on ``P`` amplifies rounding: ``P`` starts at the SVD basis, a
-stationary point of the online-PCA loss, so its first gradients are rounding noise that
-Adam's normalisation turns into full-size steps of ``P``. The same ~1e-5..1e-4 spread
-appears in a single process between 1 and 2 threads. FSDP2 is therefore compared with DDP at
-1e-5 for OSD with SGD on ``P`` (no normalisation) and at 1e-3 with the default Adam.
+factor and online-PCA ``Gn`` differ from DDP's in the last bits; every method, OSD with
+Adam on ``P`` included, stays within 1e-5 of DDP. (OSD used to take an Adam step of ``P`` on
+the gradient that initialised it, a round-off direction that Adam normalised into a full-size
+move; that amplified such last-bit differences to ~1e-3. ``P`` is no longer stepped there.)
 """
 
 from __future__ import annotations
@@ -124,7 +122,7 @@ def test_spreading_the_svd_refreshes_over_ranks_changes_nothing(runs: Path) -> N
     assert_same_run(runs / "ddp_galore_adamw", runs / "ddp_galore_adamw_unspread")
 
 
-@pytest.mark.parametrize(("name", "rel"), [("galore_adamw", 1e-5), ("golore_adamw", 1e-5), ("osd_sgd_p", 1e-5), ("osd_adamw", 1e-3)])
+@pytest.mark.parametrize(("name", "rel"), [("galore_adamw", 1e-5), ("golore_adamw", 1e-5), ("osd_sgd_p", 1e-5), ("osd_adamw", 1e-5)])
 def test_fsdp2_matches_ddp(runs: Path, name: str, rel: float) -> None:
     assert_same_run(runs / f"fsdp_{name}", runs / f"ddp_{name}", rel)
 

@@ -39,8 +39,8 @@ def matrix(shape=(8, 12), seed: int = 0) -> torch.nn.Parameter:
         ({"proj_lr_rule": "cosine"}, "proj_lr_rule must be one of"),
         ({"projector": "qr"}, "unknown projector 'qr'"),
         ({"rule": "adagrad"}, "unknown update rule 'adagrad'"),
-        ({"projector": "random", "svd_fraction": 0.2}, "svd_fraction > 0 needs total_steps"),
-        ({"projector": "random", "svd_fraction": 1.5, "total_steps": 10}, r"svd_fraction must be in \[0, 1\]"),
+        ({"projector": "random", "svd_until": 0.2}, "svd_until > 0 needs total_steps"),
+        ({"projector": "random", "svd_until": 1.5, "total_steps": 10}, r"svd_until .* must be in \[0, 1\]"),
         ({"nonfinite": "ignore"}, "nonfinite must be one of"),
     ],
 )
@@ -63,8 +63,10 @@ def test_rule_specific_errors() -> None:
         osd.OSDLion([matrix()], sign_space="both")
     with pytest.raises(ValueError, match="nesterov=True needs momentum > 0"):
         osd.SubspaceOptimizer([matrix()], rule="sgd", momentum=0.0, nesterov=True)
-    with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) \['betas'\] for rule 'adafactor'"):
+    with pytest.raises(TypeError, match=r"'betas' is a hyperparameter of rule 'adamw' and rule 'lion', not of this optimizer \(rule 'adafactor'"):
         osd.OSDAdafactor([matrix()], betas=(0.9, 0.99))
+    with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) \['bettas'\] for rule 'adafactor'"):
+        osd.OSDAdafactor([matrix()], bettas=(0.9, 0.99))
     with pytest.raises(ValueError, match="unknown optimizer 'osd_adam'"):
         osd.create_optimizer(torch.nn.Linear(4, 4), "osd_adam", lr=1e-3, rank=2)
     with pytest.raises(ValueError, match=r"fused=True is not supported.*no fused kernel"):

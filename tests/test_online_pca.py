@@ -88,7 +88,33 @@ def test_osd_weight_update_uses_p_before_its_update() -> None:
     U = torch.linalg.svd(grad, full_matrices=False)[0][:, :3]
     expected = -0.1 * U @ (U.mT @ grad)
     torch.testing.assert_close(param.detach(), expected, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(opt.state[param]["proj"], U)
+    # P is not stepped on the gradient that initialised it: still the SVD basis, bit for bit.
+    assert torch.equal(opt.state[param]["proj"], U.contiguous())
+    # From step 1 on, P moves, with the weights updated by P_1 before it does.
+    P1 = opt.state[param]["proj"].clone()
+    param.grad = torch.randn(10, 30, generator=torch.Generator().manual_seed(4))
+    before = param.detach().clone()
+    opt.step()
+    torch.testing.assert_close(param.detach() - before, -0.1 * P1 @ (P1.mT @ param.grad), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(opt.state[param]["proj"], P1)
+
+
+def test_p_optimizer_counts_its_own_steps() -> None:
+    """P's Adam takes its first step (bias correction t = 1) at the parameter's step 1: its
+    first move is lr_P * sign-like unit step, alpha * lr per entry at most."""
+    gen = torch.Generator().manual_seed(5)
+    param = torch.nn.Parameter(torch.zeros(12, 40))
+    opt = osd.OSDAdamW([{"params": [param], "rank": 3}], lr=1e-3, alpha=5.0, eps=1e-8)
+    param.grad = torch.randn(12, 40, generator=gen)
+    opt.step()
+    state = opt.state[param]
+    assert state["proj_exp_avg"].abs().max() == 0 and state["proj_exp_avg_sq"].abs().max() == 0
+    P0 = state["proj"].clone()
+    param.grad = torch.randn(12, 40, generator=gen)
+    opt.step()
+    # Adam's first step with bias correction: |delta| = lr_P * |g| / (|g| + eps) <= lr_P.
+    delta = (state["proj"] - P0).abs()
+    assert delta.max().item() == pytest.approx(5e-3, rel=1e-3)
 
 
 def test_released_code_learning_rate_rule_follows_the_schedule() -> None:

@@ -83,7 +83,7 @@ def test_resume_continues_bit_for_bit(rule: str, projector: str, optim_bits: int
     is stored in 8 bits (``min_8bit_size=0``).
     """
     steps, half = 10, 5
-    kwargs = {"total_steps": steps, "svd_fraction": 0.2} if projector == "random" else {}
+    kwargs = {"total_steps": steps, "svd_until": 0.2} if projector == "random" else {}
     if optim_bits == 8:
         kwargs.update(optim_bits=8, min_8bit_size=0)
     if rule == "adafactor":

@@ -27,7 +27,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from osd.bench.results import markdown_table, missing_shared, plot_curves, usage_error, write_results
+from osd.bench.results import markdown_table, missing_shared, plot_curves, spread, usage_error, write_results
 from osd.config import ConfigError, TrainConfig
 from osd.data import DataError
 from osd.plot import read_metrics
@@ -39,7 +39,7 @@ __all__ = ["DEFAULT_CONFIGS", "build_parser", "parse_spec", "run", "run_converge
 # smaller step, as the Lion paper advises against AdamW's.
 DEFAULT_CONFIGS = ("adamw", "galore_adamw", "golore_adamw", "osd_adamw", "galore_lion:lr=0.001", "osd_lion:lr=0.001")
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
-RUN_FIELDS = {"optimizer", "seed", "out_dir", "progress", "quiet", "resume", "stop_at_step"}  # set per run, not by a spec
+RUN_FIELDS = {"optimizer", "seed", "out_dir", "progress", "quiet", "resume", "overwrite", "stop_at_step"}  # set per run, not by a spec
 
 
 def _value(text: str) -> Any:
@@ -87,7 +87,7 @@ def run_convergence(base: dict[str, Any], specs: Sequence[str], seeds: Sequence[
     for spec in specs:
         name, overrides = parse_spec(spec)
         for seed in seeds:
-            settings = {**base, **overrides, "optimizer": name, "seed": seed, "progress": False, "quiet": True}
+            settings = {**base, **overrides, "optimizer": name, "seed": seed, "progress": False, "quiet": True, "overwrite": True}
             settings["out_dir"] = str(out / "runs" / _run_dir(spec) / f"seed{seed}")
             configs.append((spec, seed, TrainConfig(**settings)))  # checked before any run starts
 
@@ -111,12 +111,8 @@ def run_convergence(base: dict[str, Any], specs: Sequence[str], seeds: Sequence[
         })
     summary = {}
     for spec, results in runs.items():
-        ppl = [r["val_ppl"] for r in results]
         summary[spec] = {
-            "val_ppl_mean": statistics.fmean(ppl),
-            "val_ppl_std": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
-            "val_ppl_min": min(ppl),
-            "val_ppl_max": max(ppl),
+            **spread([r["val_ppl"] for r in results], "val_ppl"),
             "optimizer_state_bytes": results[0]["optimizer_state_bytes"],
             "runs": results,
         }

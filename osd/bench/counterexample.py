@@ -90,7 +90,9 @@ def run_projector(problem: NoisyQuadratic, projector: str, rule: str, lr: float,
     X = torch.nn.Parameter(torch.zeros(m, problem.n))
     group: dict[str, Any] = {"params": [X]}
     if projector != "identity":
-        group.update(rank=rank, update_proj_gap=gap, alpha=alpha, seed=seed, scale=1.0)  # the GoLore analysis: no scale
+        group.update(rank=rank, update_proj_gap=gap, seed=seed, scale=1.0)  # the GoLore analysis: no scale
+    if projector == "online_pca":
+        group["alpha"] = alpha
     optimizer = SubspaceOptimizer([group], lr, rule=rule, projector=projector)
     scheduler = warmup_cosine(optimizer, 0, steps, 0.0)
     generator = torch.Generator().manual_seed(seed)
