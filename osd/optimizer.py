@@ -215,11 +215,12 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     ) -> None:
         inner, proj = get_rule(rule), get_projector(projector)
         _torch_switches(kwargs)  # foreach (a speed hint: accepted), fused, maximize, ...: refused unless off
+        given_lr = lr  # galore_torch's Adafactor reads lr=None as its relative step: refused under compat
         lr = DEFAULT_LR[rule] if lr is None else _plain(lr)
         kwargs = {key: _plain(value) for key, value in kwargs.items()}
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-        kwargs = translate_reference_kwargs(rule, lr, kwargs)
+        kwargs = translate_reference_kwargs(rule, given_lr if compat is not None else lr, kwargs)
         _refuse_foreign_keys(kwargs, rule, projector, type(self).__name__)
         taken = {**SUBSPACE_DEFAULTS, **proj.defaults, **inner.defaults}
         unknown = set(kwargs) - set(taken)

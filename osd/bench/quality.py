@@ -174,7 +174,7 @@ def _config(protocol: Protocol, method: str, lr: float, seed: int, out_dir: Path
         "eval_batches": protocol.max_eval_batches, "out_dir": str(out_dir), "progress": False, "device": "cpu",
         "rank": protocol.rank, "update_proj_gap": protocol.update_proj_gap, "scale": protocol.scale,
         "tokenizer": derived.get("tokenizer"), "tokens": derived.get("tokens"), "eval_interval": derived.get("eval_interval", 1),
-        "save_interval": derived.get("eval_interval", 0), "resume": True, **fixed, **extra,
+        "save_interval": derived.get("eval_interval", 0), "resume": (out_dir / "checkpoint.pt").is_file(), "overwrite": not (out_dir / "checkpoint.pt").is_file(), **fixed, **extra,
     }
     if alpha is not None:
         settings["alpha"] = alpha
