@@ -494,7 +494,7 @@ def test_non_finite_hyperparameters_are_refused(kwargs: dict, message: str) -> N
 def test_float16_parameters_are_refused_up_front() -> None:
     model = torch.nn.Linear(12, 8).half()
     with pytest.raises(ValueError, match="parameter 'weight' is float16, which is not supported"):
-        osd.create_optimizer(model, "osd_adamw", lr=1e-3, rank=4, target_modules=("",))
+        osd.create_optimizer(model, "osd_adamw", lr=1e-3, rank=4, target_modules="all-linear")
 
 
 def stepped(optimizer_class: type, params: list[torch.nn.Parameter], steps: int = 2, **kwargs) -> torch.optim.Optimizer:
