@@ -40,11 +40,12 @@ from tqdm import tqdm
 
 from osd.bench.results import markdown_table, plot_curves, usage_error, write_results
 from osd.optimizer import SubspaceOptimizer
+from osd.projectors import get_projector
 from osd.schedule import warmup_cosine
 
 __all__ = ["PROJECTORS", "NoisyQuadratic", "build_parser", "run", "run_projector"]
 
-PROJECTORS = {"full_rank": "identity", "galore": "svd", "golore": "random", "osd": "online_pca"}
+PROJECTORS = {"full_rank": "identity", "galore": "svd", "golore": "random", "osd": "online_pca", "osd_sketch": "sketch_pca"}
 DEFAULT_LR = {"sgd": 0.05, "adamw": 0.01}
 # OSD's lr_P = alpha * lr: 0.01 for both rules (alpha 5 at SGD's lr would move P by Adam steps of 0.25).
 DEFAULT_ALPHA = {"sgd": 0.2, "adamw": 1.0}
@@ -83,14 +84,18 @@ class NoisyQuadratic:
         return float((X[: self.top].double() - self.X_top_star).norm() / self.X_top_star.norm())
 
 
-def run_projector(problem: NoisyQuadratic, projector: str, rule: str, lr: float, rank: int, steps: int, gap: int, alpha: float, seed: int, log_every: int) -> dict[str, Any]:
-    """Train ``X`` from 0 with ``SubspaceOptimizer(rule=rule, projector=projector)``; return
-    the relative loss gap every ``log_every`` steps and the final gap and distance."""
+def run_projector(
+    problem: NoisyQuadratic, projector: str, rule: str, lr: float, rank: int, steps: int, gap: int, alpha: float, seed: int, log_every: int, **options: Any
+) -> dict[str, Any]:
+    """Train ``X`` from 0 with ``SubspaceOptimizer(rule=rule, projector=projector, **options)``;
+    return the relative loss gap every ``log_every`` steps and the final gap and distance."""
     m = problem.top + problem.noise_rank
     X = torch.nn.Parameter(torch.zeros(m, problem.n))
-    group: dict[str, Any] = {"params": [X]}
+    group: dict[str, Any] = {"params": [X], **options}
     if projector != "identity":
-        group.update(rank=rank, update_proj_gap=gap, alpha=alpha, seed=seed)
+        group.update(rank=rank, update_proj_gap=gap, seed=seed)
+    if "alpha" in get_projector(projector).defaults:
+        group["alpha"] = alpha
     optimizer = SubspaceOptimizer([group], lr, rule=rule, projector=projector)
     scheduler = warmup_cosine(optimizer, 0, steps, 0.0)
     generator = torch.Generator().manual_seed(seed)
