@@ -35,6 +35,8 @@ __all__ = [
     "online_pca_loss",
     "online_pca_grad",
     "svd_basis",
+    "eigh_basis",
+    "randomized_basis",
     "random_basis",
     "principal_angles",
 ]
@@ -334,15 +336,14 @@ def online_pca_grad(P: Tensor, G: Tensor, ortho_reg: float, R: Tensor | None = N
     """
     if grad_norm is None:
         grad_norm = G.norm()
-    inv_norm = 1.0 / grad_norm
-    Zt = (P.mT @ G if R is None else R) * inv_norm  # r x n
-    Y = (G @ Zt.mT) * inv_norm  # m x r
-    # Z^T Z = P^T Gn Gn^T P = P^T Y: an m r^2 product instead of an n r^2 one.
-    inner = P.mT @ Y
+    R = P.mT @ G if R is None else R  # r x n; Z = R^T / ||G||
+    Y = (G @ R.mT).mul_(1.0 / grad_norm**2)  # m x r: Gn Z, one scaling of the small product
     A = P.mT @ P
     eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    if ortho_reg:
-        inner.add_(A - eye, alpha=2.0 * ortho_reg)
+    # Z^T Z + 2 lambda (A - I), with Z^T Z = P^T Gn Gn^T P = P^T Y: an m r^2 product instead of
+    # an n r^2 one. addmm's beta rather than add_(..., alpha=...): torch 2.13's inductor drops
+    # alpha when it adds to a matrix product (torch.compile(optimizer.step) would be wrong).
+    inner = torch.addmm(A - eye, P.mT, Y, beta=2.0 * ortho_reg)
     # 2 (Y (A - 2 I) + P (Z^T Z + 2 lambda (A - I))): one product with P for both P-terms.
     return torch.addmm(Y @ (A - 2.0 * eye), P, inner).mul_(2.0)
 
@@ -358,6 +359,48 @@ def svd_basis(G: Tensor, rank: int, side: str) -> Tensor:
     U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
     basis = U[:, :rank] if side == "left" else Vh[:rank].mT
     return basis.to(G.dtype).contiguous()
+
+
+def eigh_basis(G: Tensor, rank: int) -> Tensor:
+    """The top-``rank`` left singular subspace of ``G`` (``m x n``) as an ``m x rank``
+    orthonormal matrix, from the eigendecomposition of ``G G^T`` (``m x m``).
+
+    The same subspace as :func:`svd_basis` (``side="left"``) up to round-off and the signs
+    of the vectors, for ``m n^2``-free cost: ``m^2 n`` for the Gram matrix plus ``m^3`` for
+    ``eigh``. Use it with ``m <= n`` (the canonical orientation). Computed in float32;
+    squaring ``G`` loses the directions whose singular values are below ~1e-4 of the
+    largest, which only matters when ``rank`` reaches into that noise floor.
+    """
+    Gf = G.float()
+    _, vectors = torch.linalg.eigh(Gf @ Gf.mT)  # ascending eigenvalues
+    return vectors[:, -rank:].flip(1).to(G.dtype).contiguous()
+
+
+def randomized_basis(G: Tensor, rank: int, niter: int, generator: torch.Generator, oversample: int = 8) -> Tensor:
+    """An approximate top-``rank`` left singular subspace of ``G`` (``m x n``) by randomized
+    range finding (Halko, Martinsson & Tropp, 2011, algorithms 4.4 and 5.1).
+
+    With ``k = min(rank + oversample, m, n)`` and a Gaussian ``Omega`` (``n x k``) drawn
+    from ``generator`` (on the CPU, so every device draws the same one):
+
+        Q = orth(G Omega);  niter times: Q = orth(G orth(G^T Q))
+        U_B S V^T = svd(Q^T G)                 (k x n, small)
+        basis = Q U_B[:, :rank]                (m x rank, orthonormal)
+
+    Cost ``2 (1 + 2 niter) m n k`` flops in matrix products plus QRs of ``m x k`` and
+    ``n x k`` matrices, against ``O(m n min(m, n))`` for a full SVD. Each power iteration
+    raises the singular values' ratio that separates the subspace to the power ``2 niter + 1``;
+    the principal angles to the exact subspace are measured in ``docs/performance.md``.
+    """
+    m, n = G.shape
+    k = min(rank + oversample, m, n)
+    Gf = G.float()
+    omega = torch.randn(n, k, generator=generator, dtype=torch.float32).to(G.device)
+    Q = torch.linalg.qr(Gf @ omega).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(Gf @ torch.linalg.qr(Gf.mT @ Q).Q).Q
+    U_small = torch.linalg.svd(Q.mT @ Gf, full_matrices=False).U
+    return (Q @ U_small[:, :rank]).to(G.dtype).contiguous()
 
 
 def random_basis(dim: int, rank: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device) -> Tensor:

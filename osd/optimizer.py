@@ -22,10 +22,11 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from osd import compensation, quantization, sharded, transport
 from osd.compat import compat_defaults, translate_reference_kwargs
-from osd.projectors import PROJECTORS, get_projector
+from osd.projectors import PROJECTORS, SVD_METHODS, get_projector
 from osd.rules import PROJ_RULES, RULES, get_rule
 
 __all__ = ["SubspaceOptimizer", "PROJ_TYPES", "NONFINITE_POLICIES", "optimizer_keys"]
@@ -51,6 +52,8 @@ SUBSPACE_DEFAULTS: dict[str, Any] = {
     "compensation": None,
     "compensation_granularity": "channel",
     "compensation_limit": 1.01,
+    "svd_method": "svd",
+    "svd_niter": 2,
 }
 
 # Keys that were renamed, with what to write instead.
@@ -142,6 +145,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         max_lr: peak lr for ``proj_lr_rule="released"`` (default: the scheduler's ``initial_lr``).
         svd_until, total_steps: GoLore, SVD refreshes for the first ``svd_until * total_steps``
             steps, random after (GoLore@20% = ``svd_until=0.8``).
+        svd_method: how every top-``r`` singular basis is computed (OSD's initial ``P``,
+            GaLore's refreshes, GoLore's SVD phase): ``"svd"`` (full SVD, GaLore's, default),
+            ``"eigh"`` (the same subspace from ``eigh(G G^T)``, cheaper) or ``"randomized"``
+            (randomized range finding with ``svd_niter`` power iterations: an approximation,
+            much cheaper on large weights); see :func:`osd.projectors._svd_or_fallback`.
         seed: seed of the random projections (each parameter derives its own).
         optim_bits: 32, or 8 for block-wise 8-bit moments (the inner rule's and ``P``'s
             optimizer's state; see :mod:`osd.quantization`); tensors under
@@ -191,6 +199,16 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._group_of: dict[int, dict[str, Any]] = {}
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """As torch's, plus the defaults of group keys added since a state dict was saved;
+        ``load_state_dict`` replaces the group dicts, so the parameter -> group map is rebuilt."""
+        super().__setstate__(state)
+        self._group_of = {}
+        for group in self.param_groups:
+            for key, value in SUBSPACE_DEFAULTS.items():
+                group.setdefault(key, value)
+            self._group_of.update((id(p), group) for p in group["params"])
 
     # ----------------------------------------------------------------------------------
     # Param groups
@@ -268,6 +286,10 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             raise ValueError(f"optim_bits must be 8 or 32, got {group['optim_bits']!r}")
         if not _is_int(group["min_8bit_size"]) or group["min_8bit_size"] < 0:
             raise ValueError(f"min_8bit_size must be an int >= 0, got {group['min_8bit_size']!r}")
+        if group["svd_method"] not in SVD_METHODS:
+            raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {group['svd_method']!r}")
+        if not _is_int(group["svd_niter"]) or group["svd_niter"] < 0:
+            raise ValueError(f"svd_niter must be an int >= 0, got {group['svd_niter']!r}")
         clip = group["max_grad_norm"]
         if clip is not None and (not isinstance(clip, (int, float)) or isinstance(clip, bool) or not clip > 0.0):
             raise ValueError(f"max_grad_norm must be None or a number > 0, got {clip!r}")
@@ -323,8 +345,17 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 f"non-finite gradient (NaN or Inf) in parameter {self._param_name(group, p)} of shape "
                 f"{tuple(p.shape)}; nothing was updated (pass nonfinite='skip' to skip such steps)"
             )
+        in_torch: dict[int, tuple[dict[str, Any], list[Tensor]]] = {}
+        hparams: dict[int, dict[str, Any]] = {}  # each group's, read once per step
         for (group, p), norm in zip(pairs, norms):
-            self._update_param(group, p, p.grad, norm)
+            if self._steps_in_torch(group, p):
+                in_torch.setdefault(id(group), (group, []))[1].append(p)
+                continue
+            if id(group) not in hparams:
+                hparams[id(group)] = RULES[group["rule"]].hparams(group)
+            self._update_param(group, p, p.grad, norm, hparams=hparams[id(group)])
+        for group, params in in_torch.values():
+            self._torch_step(group, params, [p.grad for p in params])
         return loss
 
     # ----------------------------------------------------------------------------------
@@ -390,9 +421,15 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     # The update of one parameter
     # ----------------------------------------------------------------------------------
 
-    def _update_param(self, group: dict[str, Any], p: Tensor, grad: Tensor | None, grad_norm: Tensor, projected: Tensor | None = None) -> None:
+    def _update_param(
+        self, group: dict[str, Any], p: Tensor, grad: Tensor | None, grad_norm: Tensor, projected: Tensor | None = None, hparams: dict[str, Any] | None = None
+    ) -> None:
         """``grad``: the full gradient (``grad_norm`` its norm), or None with ``projected = P^T G``
-        (``grad_norm`` then the norm of ``projected``)."""
+        (``grad_norm`` then the norm of ``projected``). ``hparams``: the rule's hyperparameters
+        of ``group``, when the caller has read them already (once per group and step)."""
+        if projected is None and self._steps_in_torch(group, p):
+            self._torch_step(group, [p], [grad])
+            return
         state = self.state[p]
         if not state:
             self._init_state(group, p, grad)
@@ -400,7 +437,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         # load_state_dict would mangle them).
         projector = PROJECTORS[group["projector"] if "rank" in state else "identity"]
         rule = RULES[group["rule"]]
-        hparams = rule.hparams(group)
+        hparams = hparams or rule.hparams(group)
 
         if grad is not None:
             grad = self._working_grad(group, grad, "rank" in state)
@@ -417,19 +454,61 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 clip = (group["max_grad_norm"] / (norm + 1e-6)).clamp(max=1.0)
                 rule_input, rule_G = R * clip, None if G is None else G * clip
             direction = rule.direction(rule_input, state, hparams, transport.rule_step(state), "")
-            update = direction if P is None else compensation.update(state, group, P, direction, rule_G, rule_input)
-            update, scale = rule.finalize(update, group["scale"] if P is not None else 1.0, hparams)
-
             lr, decay = group["lr"], hparams["weight_decay"]
-            if decay and not group["decay_after_update"]:
-                p.mul_(1.0 - lr * decay)
-            p.add_(sharded.like_param(update.mT if state["transposed"] else update, p), alpha=-lr * scale)
+            decay_before = bool(decay) and not group["decay_after_update"]
+            if P is not None and group["compensation"] is None and not rule.finalizes(hparams) and not isinstance(p, DTensor):
+                # W <- (1 - lr wd) W - lr scale P D as one GEMM: no m x n temporary, one pass over W.
+                beta, alpha = (1.0 - lr * decay if decay_before else 1.0), -lr * group["scale"]
+                if state["transposed"]:
+                    p.addmm_(direction.mT, P.mT, beta=beta, alpha=alpha)
+                else:
+                    p.addmm_(P, direction, beta=beta, alpha=alpha)
+            else:
+                update = direction if P is None else compensation.update(state, group, P, direction, rule_G, rule_input)
+                update, scale = rule.finalize(update, group["scale"] if P is not None else 1.0, hparams)
+                if decay_before:
+                    p.mul_(1.0 - lr * decay)
+                p.add_(sharded.like_param(update.mT if state["transposed"] else update, p), alpha=-lr * scale)
             if decay and group["decay_after_update"]:
                 p.add_(p, alpha=-lr * decay)  # W' - lr wd W', as Hugging Face's AdamW rounds it
             if G is not None:
                 with transport.transporting(state, group, rule, in_place=projector.moves_in_advance(state)):
                     projector.advance(state, G, R, grad_norm, group)
         state["step"] += 1
+
+    @staticmethod
+    def _projected(group: dict[str, Any], p: Tensor) -> bool:
+        """Whether ``p`` is (or, before its first step, will be) trained in a subspace."""
+        rank = group["rank"]
+        return get_projector(group["projector"]).projects and rank is not None and p.dim() == 2 and rank < min(p.shape)
+
+    def _steps_in_torch(self, group: dict[str, Any], p: Tensor) -> bool:
+        """Whether ``p`` steps through its rule's torch kernels (``UpdateRule.torch_step``):
+        a full-rank, unsharded parameter with float32 states, no per-parameter clipping and
+        torch's decay-before-update, whose rule torch computes with these hyperparameters."""
+        rule = RULES[group["rule"]]
+        state = self.state.get(p)
+        projected = "rank" in state if state else self._projected(group, p)
+        return (
+            rule.torch_step is not None
+            and not projected
+            and group["max_grad_norm"] is None
+            and not group["decay_after_update"]
+            and (group["optim_bits"] == 32 or p.numel() < max(group["min_8bit_size"], 1))
+            and not isinstance(p, DTensor)
+            and rule.torch_step_allows(rule.hparams(group))
+        )
+
+    def _torch_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """Step full-rank ``params`` together through ``UpdateRule.torch_step`` (one fused kernel)."""
+        rule = RULES[group["rule"]]
+        for p, grad in zip(params, grads):
+            if not self.state[p]:
+                self._init_state(group, p, grad)
+        states = [self.state[p] for p in params]
+        rule.torch_step(params, grads, states, rule.hparams(group), group["lr"], [state["step"] + 1 for state in states])
+        for state in states:
+            state["step"] += 1
 
     @staticmethod
     def _working_grad(group: dict[str, Any], grad: Tensor, projected: bool) -> Tensor:
@@ -443,7 +522,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         rank = group["rank"]
         projector = get_projector(group["projector"])
-        projected = projector.projects and rank is not None and p.dim() == 2 and rank < min(p.shape)
+        projected = self._projected(group, p)
         if not projected:
             projector = get_projector("identity")
         state["step"] = 0

@@ -56,14 +56,28 @@ def refresh_due(state: dict[str, Any], group: dict[str, Any]) -> bool:
     return state["step"] % group["update_proj_gap"] == 0 and state.get("basis_step") != state["step"]
 
 
-def _svd_or_fallback(G: Tensor, rank: int, state: dict[str, Any]) -> Tensor:
-    """GaLore's basis of ``G`` (canonical orientation), with GaLore's singular-vector signs.
+SVD_METHODS = ("svd", "eigh", "randomized")
 
-    The SVD is taken of the weight's own gradient (``G^T`` when transposed), as
-    ``galore_torch`` does. Should LAPACK fail to converge, the previous ``P`` is kept (or a
-    random basis drawn if there is none) with a warning, instead of crashing the run.
+
+def _svd_or_fallback(G: Tensor, rank: int, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+    """The top-``rank`` singular basis of ``G`` (canonical orientation), by ``group["svd_method"]``:
+
+    - ``"svd"`` (default): GaLore's, a full SVD of the weight's own gradient (``G^T`` when
+      transposed), so the singular vectors, signs included, are the ones ``galore_torch`` gets;
+    - ``"eigh"``: the same subspace from ``eigh(G G^T)`` (:func:`osd.functional.eigh_basis`);
+    - ``"randomized"``: randomized range finding with ``group["svd_niter"]`` power iterations
+      (:func:`osd.functional.randomized_basis`), its Gaussian drawn from this parameter's seed
+      and step. An approximation: a different update, named by the option.
+
+    Should LAPACK fail to converge, the previous ``P`` is kept (or a random basis drawn if
+    there is none) with a warning, instead of crashing the run.
     """
+    method = group["svd_method"]
     try:
+        if method == "eigh":
+            return F.eigh_basis(G, rank)
+        if method == "randomized":
+            return F.randomized_basis(G, rank, group["svd_niter"], _generator(state, state["step"], _RANGE_FINDER))
         if state["transposed"]:
             return F.svd_basis(G.mT, rank, side="right")
         return F.svd_basis(G, rank, side="left")
@@ -74,9 +88,13 @@ def _svd_or_fallback(G: Tensor, rank: int, state: dict[str, Any]) -> Tensor:
         return F.random_basis(G.shape[0], rank, _generator(state, 0), G.dtype, G.device)
 
 
-def _generator(state: dict[str, Any], step: int) -> torch.Generator:
-    """A CPU generator for this parameter and step: the same on every device, rank and resume."""
-    return torch.Generator().manual_seed(hash((state["seed"], step)) % (2**63))
+_RANGE_FINDER = 1  # stream tag: the range finder's draws are independent of GoLore's bases
+
+
+def _generator(state: dict[str, Any], step: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator for this parameter, step and stream: the same on every device, rank and resume."""
+    seed = hash((state["seed"], step)) if stream == 0 else hash((state["seed"], step, stream))
+    return torch.Generator().manual_seed(seed % (2**63))
 
 
 class Projector:
@@ -120,7 +138,7 @@ class SVDProjector(Projector):
 
     def prepare(self, state: dict[str, Any], G: Tensor, group: dict[str, Any]) -> None:
         if refresh_due(state, group):
-            state["proj"] = _svd_or_fallback(G, state["rank"], state)
+            state["proj"] = _svd_or_fallback(G, state["rank"], state, group)
 
     def needs_grad(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
         return state["step"] % group["update_proj_gap"] == 0
@@ -153,7 +171,7 @@ class RandomProjector(Projector):
         if not refresh_due(state, group):
             return
         if group["svd_until"] > 0 and step < group["svd_until"] * group["total_steps"]:
-            state["proj"] = _svd_or_fallback(G, state["rank"], state)
+            state["proj"] = _svd_or_fallback(G, state["rank"], state, group)
         else:
             state["proj"] = F.random_basis(G.shape[0], state["rank"], _generator(state, step), G.dtype, G.device)
 
@@ -205,7 +223,7 @@ class OnlinePCAProjector(Projector):
         rule.validate(self._proj_rule(group)[1])
 
     def init_state(self, state: dict[str, Any], G: Tensor, rank: int, group: dict[str, Any]) -> None:
-        state["proj"] = _svd_or_fallback(G, rank, state)
+        state["proj"] = _svd_or_fallback(G, rank, state, group)
         rule, hparams = self._proj_rule(group)
         state.update(rule.init_state(state["proj"], hparams, "proj_"))
 
@@ -228,8 +246,11 @@ class OnlinePCAProjector(Projector):
         """One step of ``P``'s optimizer on the online-PCA gradient ``loss_grad``."""
         P = state["proj"]
         rule, hparams = self._proj_rule(group)
-        direction = rule.direction(loss_grad, state, hparams, state["step"], "proj_")
         lr = proj_lr(group)
+        if rule.torch_step is not None and rule.torch_step_allows(hparams):
+            rule.torch_step([P], [loss_grad], [state], hparams, lr, [state["step"]], "proj_")  # one fused pass
+            return
+        direction = rule.direction(loss_grad, state, hparams, state["step"], "proj_")
         if hparams["weight_decay"]:
             P.mul_(1.0 - lr * hparams["weight_decay"])
         P.add_(direction, alpha=-lr)

@@ -30,9 +30,11 @@ __all__ = ["BLOCK_SIZE", "quantize", "dequantize", "quantized_nbytes"]
 BLOCK_SIZE = 256
 
 
+@cache
 def _quant_utils():
     """torchao's quantisation helpers, imported on first use (torchao takes seconds to
-    import and logs warnings about CUDA kernels it cannot load on a CPU-only machine)."""
+    import and logs warnings about CUDA kernels it cannot load on a CPU-only machine).
+    Cached: the logger's level is silenced and restored once, not on every (de)quantisation."""
     logger = logging.getLogger("torchao")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -71,12 +73,16 @@ def quantize(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     and the float32 absolute maximum of each block. ``signed=False`` for tensors that are
     never negative (it spends all 256 codes on [0, 1])."""
     flat = x.detach().reshape(-1).float()
-    padded = torch.nn.functional.pad(flat, (0, _padded_numel(flat.numel()) - flat.numel()))
-    scaled, absmax = _quant_utils().scale_tensor(padded, BLOCK_SIZE)
-    return torch.bucketize(scaled, _midpoints(signed, x.device), right=True).to(torch.uint8), absmax
+    missing = _padded_numel(flat.numel()) - flat.numel()
+    blocks = (torch.nn.functional.pad(flat, (0, missing)) if missing else flat).view(-1, BLOCK_SIZE)
+    # torchao's block scaling (``quant_utils.scale_tensor``), with the maximum taken without an |x| temporary.
+    absmax = torch.linalg.vector_norm(blocks, ord=math.inf, dim=1).clip_(1e-12)
+    scaled = blocks / absmax.unsqueeze(1)
+    return torch.bucketize(scaled, _midpoints(signed, x.device), out_int32=True, right=True).to(torch.uint8).view(-1), absmax
 
 
 def dequantize(codes: Tensor, absmax: Tensor, signed: bool, shape: torch.Size) -> Tensor:
     """The float32 tensor of ``shape`` that ``codes`` and ``absmax`` stand for."""
-    flat = _quant_utils().dequant_with_qmap(codes, _code_map(signed, codes.device), absmax)
-    return flat[: math.prod(shape)].view(shape)
+    # torchao's ``quant_utils.dequant_with_qmap``, scaling in place.
+    blocks = _code_map(signed, codes.device)[codes.int()].view(absmax.shape[0], -1).mul_(absmax.unsqueeze(1))
+    return blocks.view(-1)[: math.prod(shape)].view(shape)

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.optim.adamw import adamw as torch_adamw
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from osd import functional as F
 
@@ -58,6 +60,14 @@ class UpdateRule:
             ``nonnegative_states``.
         matrices_only: the rule works on 2-D tensors only (Muon); other parameters need a
             group with another rule.
+        finalizes: whether ``finalize`` is more than the identity with these hyperparameters
+            (else the caller may fuse projecting back into the weight update).
+        torch_step: ``(params, grads, states, hparams, lr, steps, prefix) -> None``: the
+            whole update ``W <- (1 - lr wd) W - lr D`` of tensors stepped as parameters (full-rank
+            weights; OSD's ``P``) at steps ``steps`` (from 1), states (keys with ``prefix``)
+            in place, by torch's own fused kernels; or None. Used where
+            ``torch_step_allows(hparams)`` is true.
+        torch_step_allows: whether torch's kernels compute this rule with these hyperparameters.
     """
 
     name: str
@@ -69,6 +79,9 @@ class UpdateRule:
     nonnegative_states: tuple[str, ...] = ()
     basis_states: tuple[str, ...] = ()
     matrices_only: bool = False
+    torch_step: Callable[..., None] | None = None
+    finalizes: Callable[[dict[str, Any]], bool] = lambda hparams: False
+    torch_step_allows: Callable[[dict[str, Any]], bool] = lambda hparams: False
 
     def hparams(self, source: dict[str, Any]) -> dict[str, Any]:
         """This rule's hyperparameters, read from ``source`` with the rule's defaults behind it."""
@@ -101,11 +114,36 @@ def _adamw_init(like: Tensor, h: dict, prefix: str) -> dict[str, Tensor]:
     }
 
 
+def _torch_kernels_compute(h: dict[str, Any]) -> bool:
+    """Whether torch's AdamW kernels compute these hyperparameters (torch's eps placement, bias correction)."""
+    return h["eps_placement"] == "torch" and h["correct_bias"]
+
+
+def _torch_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], steps: list[int], h: dict[str, Any], lr: Any, weight_decay: float) -> None:
+    """torch's AdamW update ``W <- (1 - lr wd) W - lr D`` (``D`` of :func:`osd.functional.adamw_direction`,
+    torch's eps placement) of every ``params[i]`` at its step ``steps[i]`` (from 1), in place:
+    the fused kernel (one pass over each tensor) where the device has one, else ``foreach``."""
+    fused = all(p.device.type in _get_fused_kernels_supported_devices() for p in params)
+    beta1, beta2 = h["betas"]
+    # torch keeps step counts in tensors and advances them before use.
+    counts = [torch.tensor(float(t - 1), dtype=torch.float32, device=p.device if fused else "cpu") for t, p in zip(steps, params)]
+    torch_adamw(params, grads, exp_avgs, exp_avg_sqs, [], counts, foreach=not fused, fused=fused, amsgrad=False,
+                beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=h["eps"], maximize=False)
+
+
 def _adamw_direction(grad: Tensor, state: dict, h: dict, step: int, prefix: str) -> Tensor:
     beta1, beta2 = h["betas"]
-    return F.adamw_direction(
-        grad, state[prefix + "exp_avg"], state[prefix + "exp_avg_sq"], step, beta1, beta2, h["eps"], h["correct_bias"], h["eps_placement"] == "hf"
-    )
+    exp_avg, exp_avg_sq = state[prefix + "exp_avg"], state[prefix + "exp_avg_sq"]
+    if _torch_kernels_compute(h) and grad.dtype == exp_avg.dtype:
+        # D in one pass: torch's kernel steps a zero "parameter" with lr = -1, leaving +D in it.
+        direction = torch.zeros_like(grad, memory_format=torch.contiguous_format)
+        _torch_adamw([direction], [grad.contiguous()], [exp_avg], [exp_avg_sq], [step], h, -1.0, 0.0)
+        return direction
+    return F.adamw_direction(grad, exp_avg, exp_avg_sq, step, beta1, beta2, h["eps"], h["correct_bias"], h["eps_placement"] == "hf")
+
+
+def _adamw_torch_step(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], h: dict[str, Any], lr: Any, steps: list[int], prefix: str = "") -> None:
+    _torch_adamw(params, grads, [s[prefix + "exp_avg"] for s in states], [s[prefix + "exp_avg_sq"] for s in states], steps, h, lr, h["weight_decay"])
 
 
 ADAMW = UpdateRule(
@@ -116,6 +154,8 @@ ADAMW = UpdateRule(
     direction=_adamw_direction,
     nonnegative_states=("exp_avg_sq",),
     basis_states=("exp_avg", "exp_avg_sq"),
+    torch_step=_adamw_torch_step,
+    torch_step_allows=_torch_kernels_compute,
 )
 
 
@@ -159,6 +199,7 @@ LION = UpdateRule(
     direction=_lion_direction,
     finalize=_lion_finalize,
     basis_states=("exp_avg",),
+    finalizes=lambda h: h["sign_space"] != "subspace",
 )
 
 

@@ -34,6 +34,8 @@ def test_projection_times_every_rule_with_ratios(tmp_path: Path) -> None:
         assert set(result["rules"]) == set(projection.RULES)
         for timing in result["rules"].values():
             assert len(timing["times_ms"]) == 2 and timing["min_ms"] <= timing["median_ms"] <= timing["max_ms"]
+        assert result["quality"]["eigh"]["energy"] == pytest.approx(1.0, abs=1e-4)
+        assert 0.0 < result["quality"]["randomized"]["energy"] <= 1.0 + 1e-6
         assert result["svd_over_online_pca"] == pytest.approx(result["rules"]["svd"]["median_ms"] / result["rules"]["online_pca"]["median_ms"])
     assert "| 64 x 96 | 8 |" in markdown
 
@@ -47,7 +49,7 @@ def test_projection_rejects_a_rank_not_below_the_small_side(capsys) -> None:
 def test_step_times_every_optimizer_and_throughput(tmp_path: Path) -> None:
     argv = ["--presets", "nano", "--throughput-presets", "nano", "--random-tokens", "--batch-size", "2", "--seq-len", "16",
             "--repeats", "2", "--warmup", "1", "--refresh-repeats", "1", "--train-repeats", "1", "--train-warmup", "1",
-            "--gap", "10", "--profile", "osd_adamw", "--out", str(tmp_path)]
+            "--gap", "10", "--profile", "osd_adamw", "--throughput-optimizers", "adamw", "osd_adamw", "osd_adamw_8bit", "--out", str(tmp_path)]
     assert osd_main(["bench", "step", *argv]) == 0
     payload, markdown = read(tmp_path, "step")
     (result,) = payload["results"]
@@ -57,8 +59,19 @@ def test_step_times_every_optimizer_and_throughput(tmp_path: Path) -> None:
     for name, entry in optimizers.items():
         assert ("refresh_step" in entry) == (name in step.REFRESHED)
         assert entry["amortised_step_ms"] == pytest.approx(entry["step"]["median_ms"] + entry.get("refresh_overhead_ms", 0.0))
-        assert entry["tokens_per_s"] > 0 and set(entry["train"]) == {"train_step", "forward_backward", "step"}
+        assert entry["vs_floor"] == pytest.approx(entry["step"]["median_ms"] / entry["floor_ms"]) and entry["floor_ms"] > 0
+        assert ("train" in entry) == (name in ("adamw", "osd_adamw", "osd_adamw_8bit"))
+        if "train" in entry:
+            assert entry["tokens_per_s"] > 0 and set(entry["train"]) == {"train_step", "forward_backward", "step"}
     assert optimizers["adamw"]["throughput_vs_adamw"] == 1.0
+    # Products: GaLore's two m x n x r ones per weight (nano: 2 layers of 4 64x64 and 3 64x172 weights,
+    # rank 16); OSD adds one more and four m x r x r.
+    galore_flops = 2 * 4 * 64 * 16 * (4 * 64 + 3 * 172)
+    assert optimizers["adamw"]["gflop"] == 0.0 and optimizers["galore_adamw"]["gflop"] == pytest.approx(galore_flops / 1e9)
+    assert optimizers["osd_adamw"]["gflop"] == pytest.approx(1.5 * galore_flops / 1e9 + 2 * 7 * 8 * 64 * 16 * 16 / 1e9)
+    assert optimizers["osd_adamw_8bit"]["mbytes"] <= optimizers["osd_adamw"]["mbytes"]  # nano: every state under min_8bit_size
+    assert optimizers["osd_adamw"]["aten_ops_per_projected_weight"] > optimizers["galore_adamw"]["aten_ops_per_projected_weight"] > 0
+    assert result["full_rank_group"]["osd_vs_torch_fused"] > 0
     assert "aten::mm" in (tmp_path / "profile_nano_osd_adamw.txt").read_text()
     assert "Training throughput" in markdown
 

@@ -10,14 +10,18 @@ the cost of producing the next ``P`` (``m x r``) from a gradient ``G`` (``m x n`
   times computing ``R`` and ``||G||_F``, the stand-alone cost.
 - ``svd`` (GaLore): a refresh, ``svd_basis(G, r, "left")``, a full float32
   ``torch.linalg.svd`` as ``galore_torch`` takes it.
-- ``randomized_svd`` (for reference): ``torch.svd_lowrank(G, q=r + oversample, niter=2)``,
-  the first ``r`` left vectors; what a cheaper GaLore refresh could use.
+- ``eigh`` (``svd_method="eigh"``): the same subspace from ``eigh(G G^T)``,
+  :func:`osd.functional.eigh_basis`;
+- ``randomized`` (``svd_method="randomized"``): randomized range finding with
+  ``--svd-niter`` power iterations, :func:`osd.functional.randomized_basis`; an approximation.
 - ``random`` (GoLore): a draw, ``random_basis(m, r, ...)``, the QR of an ``m x r`` Gaussian.
 
 The gradients are realistic rather than white: a rank-``2r`` signal with a ``1/i``
 spectrum plus Gaussian noise (fresh noise for every call), seeded. Every rule is timed
 ``--warmup`` times untimed, then ``--repeats`` times; the median, min and max are reported
-in milliseconds, with the ratio SVD / online PCA of the medians. The paper (Liang et al.,
+in milliseconds, with the ratio SVD / online PCA of the medians. For ``eigh`` and
+``randomized`` the largest principal angle (degrees) between their basis and the exact
+top-``r`` subspace of the same gradient is reported too. The paper (Liang et al.,
 2024) reports online PCA 16x (512x1376) to 142x (4096x11008) faster than SVD on an A100.
 """
 
@@ -50,9 +54,9 @@ __all__ = ["DEFAULT_SHAPES", "RULES", "GradientStream", "benchmark_shape", "buil
 # (m, n, r): the projected MLP weights of LLaMA 60M, 350M, 1B and 7B with the papers' ranks.
 DEFAULT_SHAPES: tuple[tuple[int, int, int], ...] = ((512, 1376, 128), (1024, 2736, 256), (2048, 5461, 512), (4096, 11008, 1024))
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-RULES = ("online_pca", "online_pca_with_R", "svd", "randomized_svd", "random")
+RULES = ("online_pca", "online_pca_with_R", "svd", "eigh", "randomized", "random")
+APPROXIMATE = ("eigh", "randomized")  # bases compared with the SVD's by their principal angles
 NOISE_TO_SIGNAL = 0.1  # top singular value of the noise, relative to the signal's
-OVERSAMPLE = 10  # extra columns of the randomized SVD's sketch
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -123,10 +127,16 @@ def time_basis(grads: GradientStream, basis: Callable[[Tensor], Tensor], repeats
     return measure(prepare, repeats, warmup, device)
 
 
-def randomized_basis(G: Tensor, rank: int) -> Tensor:
-    """Top-``rank`` left singular vectors of ``G`` by a randomized SVD (Halko et al.), in float32."""
-    U, _, _ = torch.svd_lowrank(G.float(), q=min(rank + OVERSAMPLE, min(G.shape)), niter=2)
-    return U[:, :rank].to(G.dtype)
+def basis_quality(grads: GradientStream, rank: int, basis: Callable[[Tensor], Tensor]) -> dict[str, float]:
+    """How close ``basis(G)`` is to the exact top-``rank`` subspace ``U_r`` of the same
+    ``G`` (a fresh gradient from ``grads``): the largest and the median principal angle
+    (degrees), and the share of the best rank-``r`` energy it captures,
+    ``||P^T G||^2 / ||U_r^T G||^2`` (1 for the exact subspace)."""
+    G = grads()
+    exact, approx = F.svd_basis(G, rank, "left"), basis(G)
+    angles = F.principal_angles(approx, exact).rad2deg()
+    energy = (approx.mT.double() @ G.double()).square().sum() / (exact.mT.double() @ G.double()).square().sum()
+    return {"max_angle_deg": float(angles.max()), "median_angle_deg": float(angles.median()), "energy": float(energy)}
 
 
 def time_random(m: int, rank: int, seed: int, dtype: torch.dtype, repeats: int, warmup: int, device: torch.device) -> list[float]:
@@ -135,14 +145,20 @@ def time_random(m: int, rank: int, seed: int, dtype: torch.dtype, repeats: int, 
     return measure(lambda: lambda: F.random_basis(m, rank, generator, dtype, device), repeats, warmup, device)
 
 
-def benchmark_shape(m: int, n: int, rank: int, repeats: int, warmup: int, seed: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Every rule at one shape, with the ratios of the medians to online PCA's."""
+def benchmark_shape(m: int, n: int, rank: int, repeats: int, warmup: int, seed: int, device: torch.device, dtype: torch.dtype, niter: int = 2) -> dict[str, Any]:
+    """Every rule at one shape, with the ratios of the medians to online PCA's and the
+    principal angles of the cheaper bases to the SVD's."""
     grads = GradientStream(m, n, signal_rank=2 * rank, seed=seed, dtype=dtype, device=device)
+    generator = torch.Generator().manual_seed(seed)
+    bases: dict[str, Callable[[Tensor], Tensor]] = {
+        "svd": lambda G: F.svd_basis(G, rank, "left"),
+        "eigh": lambda G: F.eigh_basis(G, rank),
+        "randomized": lambda G: F.randomized_basis(G, rank, niter, generator),
+    }
     rules = {
         "online_pca": summarize(time_online_pca(grads, rank, False, repeats, warmup, device)),
         "online_pca_with_R": summarize(time_online_pca(grads, rank, True, repeats, warmup, device)),
-        "svd": summarize(time_basis(grads, lambda G: F.svd_basis(G, rank, "left"), repeats, warmup, device)),
-        "randomized_svd": summarize(time_basis(grads, lambda G: randomized_basis(G, rank), repeats, warmup, device)),
+        **{name: summarize(time_basis(grads, basis, repeats, warmup, device)) for name, basis in bases.items()},
         "random": summarize(time_random(m, rank, seed, dtype, repeats, warmup, device)),
     }
     osd = rules["online_pca"]["median_ms"]
@@ -153,19 +169,31 @@ def benchmark_shape(m: int, n: int, rank: int, repeats: int, warmup: int, seed: 
         "rules": rules,
         "svd_over_online_pca": rules["svd"]["median_ms"] / osd,
         "svd_over_online_pca_with_R": rules["svd"]["median_ms"] / rules["online_pca_with_R"]["median_ms"],
-        "randomized_svd_over_online_pca": rules["randomized_svd"]["median_ms"] / osd,
+        "randomized_over_online_pca": rules["randomized"]["median_ms"] / osd,
+        "quality": {name: basis_quality(grads, rank, bases[name]) for name in APPROXIMATE},
     }
 
 
-def report(results: list[dict[str, Any]], repeats: int, warmup: int, dtype: str) -> str:
-    header = ["shape (m x n)", "rank", "online PCA (ms)", "online PCA + R (ms)", "SVD (ms)", "randomized SVD (ms)", "random (ms)",
-              "SVD / online PCA", "SVD / (online PCA + R)", "randomized SVD / online PCA"]
+def quality_cell(quality: dict[str, float]) -> str:
+    return f"{quality['max_angle_deg']:.2g} / {quality['median_angle_deg']:.2g}, {quality['energy']:.4f}"
+
+
+def report(results: list[dict[str, Any]], repeats: int, warmup: int, dtype: str, niter: int) -> str:
+    header = ["shape (m x n)", "rank", "online PCA (ms)", "online PCA + R (ms)", "SVD (ms)", "eigh (ms)", "randomized (ms)", "random (ms)",
+              "SVD / online PCA", "SVD / (online PCA + R)", "randomized / online PCA",
+              "eigh: max / median angle (deg), energy", "randomized: max / median angle (deg), energy"]
     rows = [
         [f"{r['m']} x {r['n']}", r["rank"], *(format_ms(r["rules"][rule]) for rule in RULES),
-         f"{r['svd_over_online_pca']:.1f}x", f"{r['svd_over_online_pca_with_R']:.1f}x", f"{r['randomized_svd_over_online_pca']:.1f}x"]
+         f"{r['svd_over_online_pca']:.1f}x", f"{r['svd_over_online_pca_with_R']:.1f}x", f"{r['randomized_over_online_pca']:.1f}x",
+         *(quality_cell(r["quality"][name]) for name in APPROXIMATE)]
         for r in results
     ]
-    return f"{dtype}; median (min–max) ms per update of `P` over {repeats} calls after {warmup} warm-up.\n\n{markdown_table(header, rows, numeric_from=2)}\n"
+    return (
+        f"{dtype}; median (min–max) ms per update of `P` over {repeats} calls after {warmup} warm-up; randomized: "
+        f"{niter} power iterations; angles: principal angles to the SVD's top-r subspace; energy: "
+        f"||P^T G||^2 over the best rank-r energy.\n\n"
+        f"{markdown_table(header, rows, numeric_from=2)}\n"
+    )
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -178,6 +206,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="default cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of G and P (SVDs are taken in float32)")
+    parser.add_argument("--svd-niter", type=int, default=SUBSPACE_DEFAULTS["svd_niter"], help="power iterations of the randomized basis (default: the optimizer's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/bench/projection", help="output folder (default: runs/bench/projection)")
     return parser
@@ -186,8 +215,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     """``osd bench projection``: run with parsed arguments (``argv``, recorded as the command);
     bad input is one line on stderr and exit status 2."""
-    if args.repeats < 1 or args.warmup < 0:
-        return usage_error("projection", "--repeats must be >= 1 and --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.svd_niter < 0:
+        return usage_error("projection", "--repeats must be >= 1, --warmup and --svd-niter >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         return usage_error("projection", "--device cuda, but CUDA is not available")
     if args.threads is not None:
@@ -195,11 +224,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     machine = machine_info(device)
     results = [
-        benchmark_shape(m, n, rank, args.repeats, args.warmup, args.seed, device, dtype)
+        benchmark_shape(m, n, rank, args.repeats, args.warmup, args.seed, device, dtype, args.svd_niter)
         for m, n, rank in tqdm(args.shapes, desc="projection", unit="shape", file=sys.stderr)
     ]
-    config = {"shapes": args.shapes, "repeats": args.repeats, "warmup": args.warmup, "dtype": args.dtype, "seed": args.seed}
-    json_path, md_path = write_results(args.out, "projection", argv, config, results, report(results, args.repeats, args.warmup, args.dtype), machine)
+    config = {"shapes": args.shapes, "repeats": args.repeats, "warmup": args.warmup, "dtype": args.dtype, "seed": args.seed, "svd_niter": args.svd_niter}
+    text = report(results, args.repeats, args.warmup, args.dtype, args.svd_niter)
+    json_path, md_path = write_results(args.out, "projection", argv, config, results, text, machine)
     print(md_path.read_text())
     print(f"wrote {json_path}, {md_path}", file=sys.stderr)
     return 0

@@ -7,15 +7,26 @@ optimizer's cost depends on the shapes, not on the values, except through GaLore
 whose LAPACK iterations hardly vary). With these gradients fixed, ``optimizer.step()`` over
 every parameter is timed for:
 
-- ``adamw``: ``torch.optim.AdamW(foreach=True)``, full rank;
+- ``adamw``: ``torch.optim.AdamW(foreach=True)``, full rank; ``adamw_fused``: the same with
+  ``fused=True`` (one kernel per tensor);
 - ``galore_adamw``: a regular step (``P`` fixed), the refresh step alone (an SVD of every
   projected gradient, timed with ``update_proj_gap=1``), and the amortised step
   ``regular + (refresh - regular) / gap``;
 - ``golore_adamw``: the same with a random draw as the refresh;
-- ``osd_adamw``: every step moves ``P`` (one online-PCA step), so there is no refresh.
+- ``osd_adamw``: every step moves ``P`` (one online-PCA step), so there is no refresh;
+- ``galore_adamw_8bit``, ``osd_adamw_8bit``: the same with 8-bit states (``optim_bits=8``).
 
-Throughput (``--throughput-presets``, default 60m): whole training steps, forward +
-backward + ``optimizer.step()`` on one batch, timed after warm-up steps; tokens/s uses the
+Each step is set beside its floor (:mod:`osd.bench.floor`): its matrix-product FLOPs at this
+machine's measured GEMM rate plus its compulsory bytes at the measured bandwidth; the table
+gives the step / floor ratio. The full-rank group (embeddings, norms) is timed alone too,
+osd's path against ``torch.optim.AdamW(fused=True)`` on the same tensors. ``aten ops`` counts
+the ATen operations (about one kernel launch each on a GPU) of one regular ``step()`` of a
+single projected MLP weight of the preset, for the projected optimizers.
+
+Throughput (``--throughput-presets``, default 60m; ``--throughput-optimizers``, default
+adamw and osd_adamw): whole training steps, forward + backward + ``optimizer.step()`` on one
+batch, each optimizer on its own copy of the model, the optimizers' steps interleaved
+(round robin) so that load on the machine hits them alike; timed after warm-up steps; tokens/s uses the
 median step plus, for GaLore/GoLore, the amortised refresh overhead ``(refresh - regular) /
 gap``; each as a ratio to AdamW's. ``--profile NAME`` also writes a ``torch.profiler`` table
 of one training step of optimizer ``NAME`` (forward, backward and step).
@@ -25,13 +36,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from osd.bench.floor import floor_ms, measure_rates, step_cost
 from osd.bench.results import (
     format_ms,
     machine_info,
@@ -43,13 +54,15 @@ from osd.bench.results import (
 )
 from osd.data import DataError, PackedBatches, load_documents, load_tokenizer
 from osd.models import PRESETS, build_model, llama_config
+from osd.optimizer import SubspaceOptimizer
 from osd.presets import create_optimizer
 from osd.train import token_loss_sum
 
 __all__ = ["OPTIMIZERS", "PAPER_RANKS", "build_parser", "run"]
 
-OPTIMIZERS = ("adamw", "galore_adamw", "golore_adamw", "osd_adamw")
-REFRESHED = {"galore_adamw", "golore_adamw"}  # P changes only at a refresh, every `gap` steps
+OPTIMIZERS = ("adamw", "adamw_fused", "galore_adamw", "golore_adamw", "osd_adamw", "galore_adamw_8bit", "osd_adamw_8bit")
+REFRESHED = {"galore_adamw", "golore_adamw", "galore_adamw_8bit"}  # P changes only at a refresh, every `gap` steps
+EIGHT_BIT = "_8bit"
 PAPER_RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 T5_VOCAB = 32100  # t5-base tokenizer's size, the vocabulary with --random-tokens
 
@@ -61,10 +74,11 @@ def default_rank(preset: str) -> int:
 
 def make_optimizer(model: torch.nn.Module, name: str, rank: int, gap: int) -> torch.optim.Optimizer:
     """``name`` as ``osd train`` builds it (lr 1e-3, scale 0.25, no weight decay); AdamW is
-    torch's with ``foreach=True``."""
-    if name == "adamw":
-        return create_optimizer(model, name, lr=1e-3, foreach=True)
-    return create_optimizer(model, name, lr=1e-3, rank=rank, update_proj_gap=gap, scale=0.25)
+    torch's with ``foreach=True`` (``adamw_fused``: ``fused=True``); ``*_8bit``: ``optim_bits=8``."""
+    if name in ("adamw", "adamw_fused"):
+        return create_optimizer(model, "adamw", lr=1e-3, **({"fused": True} if name == "adamw_fused" else {"foreach": True}))
+    bits = {"optim_bits": 8} if name.endswith(EIGHT_BIT) else {}
+    return create_optimizer(model, name.removesuffix(EIGHT_BIT), lr=1e-3, rank=rank, update_proj_gap=gap, scale=0.25, **bits)
 
 
 def load_batch(args: argparse.Namespace, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], int]:
@@ -83,28 +97,87 @@ def forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
     (loss / tokens).backward()
 
 
-def step_times(model: torch.nn.Module, name: str, rank: int, gap: int, repeats: int, warmup: int) -> list[float]:
-    """``optimizer.step()`` times (ms) with the model's current gradients; the warm-up steps
-    create the state (and, for GaLore/GoLore, take the first refresh)."""
+def step_times(model: torch.nn.Module, name: str, rank: int, gap: int, repeats: int, warmup: int) -> tuple[list[float], torch.optim.Optimizer]:
+    """``optimizer.step()`` times (ms) with the model's current gradients, and the optimizer;
+    the warm-up steps create the state (and, for GaLore/GoLore, take the first refresh)."""
     optimizer = make_optimizer(model, name, rank, gap)
-    return measure(lambda: optimizer.step, repeats, warmup)
+    return measure(lambda: optimizer.step, repeats, warmup, device_of(model)), optimizer
 
 
-def train_step_times(model: torch.nn.Module, batch: dict[str, torch.Tensor], name: str, rank: int, gap: int, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Times (ms) of whole training steps and of their forward+backward and step parts."""
-    optimizer = make_optimizer(model, name, rank, gap)
-    parts: dict[str, list[float]] = {"forward_backward": [], "step": []}
+def full_rank_group_times(model: torch.nn.Module, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Step times (ms) of the full-rank parameters alone (the ones ``osd_adamw`` does not
+    project), through osd's full-rank path and through ``torch.optim.AdamW(fused=True)``,
+    interleaved. The parameters are restored after each step, so both see the same tensors."""
+    projected = {id(p) for group in make_optimizer(model, "osd_adamw", 1, 200).param_groups if group.get("rank") for p in group["params"]}
+    params = [p for p in model.parameters() if id(p) not in projected]
+    optimizers = {"osd": SubspaceOptimizer(params, lr=1e-3, projector="identity"), "torch_fused": torch.optim.AdamW(params, lr=1e-3, fused=True)}
+    saved = [p.detach().clone() for p in params]
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    for i in range(warmup + repeats):
+        for name, optimizer in optimizers.items():
+            elapsed = measure(lambda: optimizer.step, 1, 0, device_of(model))
+            if i >= warmup:
+                times[name] += elapsed
+            with torch.no_grad():
+                torch._foreach_copy_(params, saved)
+    return times
 
-    def prepare() -> Callable[[], None]:
-        def train_step() -> None:
+
+def aten_ops_per_projected_weight(preset: str, name: str, rank: int, gap: int, device: torch.device) -> int:
+    """ATen operations dispatched by one regular ``step()`` of an optimizer over a single
+    projected ``hidden x intermediate`` weight (the preset's MLP shape)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    shape = (PRESETS[preset]["hidden_size"], PRESETS[preset]["intermediate_size"])
+    layer = torch.nn.Module()
+    layer.mlp = torch.nn.Linear(*shape, bias=False, device=device)
+    layer.mlp.weight.grad = torch.randn_like(layer.mlp.weight)
+    optimizer = make_optimizer(layer, name, rank, gap)
+    optimizer.step()
+    optimizer.step()
+    with Count():
+        optimizer.step()
+    return Count.ops
+
+
+def interleaved_train_times(model: torch.nn.Module, batch: dict[str, torch.Tensor], names: list[str], rank: int, gap: int, repeats: int, warmup: int) -> dict[str, dict[str, list[float]]]:
+    """Times (ms) of whole training steps and of their forward+backward and step parts, for
+    each optimizer on its own copy of ``model``, one step of each in turn."""
+    runs = {}
+    for name in names:
+        copy = copy_model(model)
+        runs[name] = (copy, make_optimizer(copy, name, rank, gap))
+    times = {name: {"train_step": [], "forward_backward": [], "step": []} for name in names}
+    for i in range(warmup + repeats):
+        for name, (copy, optimizer) in runs.items():
             optimizer.zero_grad(set_to_none=True)
-            parts["forward_backward"] += measure(lambda: lambda: forward_backward(model, batch), 1, 0)
-            parts["step"] += measure(lambda: optimizer.step, 1, 0)
+            fb = measure(lambda: lambda: forward_backward(copy, batch), 1, 0, device_of(copy))
+            st = measure(lambda: optimizer.step, 1, 0, device_of(copy))
+            if i >= warmup:
+                times[name]["forward_backward"] += fb
+                times[name]["step"] += st
+                times[name]["train_step"].append(fb[0] + st[0])
+    return times
 
-        return train_step
 
-    total = measure(prepare, repeats, warmup)
-    return {"train_step": total, **{key: times[warmup:] for key, times in parts.items()}}
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def copy_model(model: torch.nn.Module) -> torch.nn.Module:
+    """An independent copy of ``model`` (weights cloned, no gradients)."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    clone.zero_grad(set_to_none=True)
+    return clone
 
 
 def profile_train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], name: str, rank: int, gap: int, path: Path) -> Path:
@@ -117,7 +190,8 @@ def profile_train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], n
         forward_backward(model, batch)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_of(model).type == "cuda" else [])
+    with profile(activities=activities) as prof:
         with record_function("forward_backward"):
             forward_backward(model, batch)
         with record_function("optimizer.step"):
@@ -131,34 +205,53 @@ def bench_preset(preset: str, args: argparse.Namespace, throughput: bool, bar: t
     generator = torch.Generator().manual_seed(args.seed)
     batch, vocab = load_batch(args, generator)
     torch.manual_seed(args.seed)
-    model = build_model(llama_config(preset, vocab, args.seq_len))
+    device = torch.device(args.device)
+    batch = {key: value.to(device) for key, value in batch.items()}
+    model = build_model(llama_config(preset, vocab, args.seq_len)).to(device)
     rank = args.rank or default_rank(preset)
     tokens = batch["input_ids"].numel()
     forward_backward(model, batch)
     result: dict[str, Any] = {"preset": preset, "rank": rank, "parameters": sum(p.numel() for p in model.parameters()), "tokens_per_step": tokens, "optimizers": {}}
+    rates = None
     for name in args.optimizers:
         bar.set_postfix_str(f"{preset} {name} step")
-        entry: dict[str, Any] = {"step": summarize(step_times(model, name, rank, args.gap, args.repeats, args.warmup))}
+        times, optimizer = step_times(model, name, rank, args.gap, args.repeats, args.warmup)
+        cost = step_cost(optimizer)
+        del optimizer
+        if rates is None or set(cost.gemm_flops) - set(rates.gemm):
+            rates = measure_rates(sorted(set(cost.gemm_flops) | set(rates.gemm if rates else ())), device)
+            result["machine_rates"] = {"gemm_gflops": {f"{m}x{n}:{r}": rate / 1e9 for (m, n, r), rate in rates.gemm.items()}, "bandwidth_gbs": rates.bandwidth / 1e9}
+        entry: dict[str, Any] = {"step": summarize(times), "gflop": cost.flops / 1e9, "mbytes": cost.bytes / 1e6, "floor_ms": floor_ms(cost, rates)}
+        entry["vs_floor"] = entry["step"]["median_ms"] / entry["floor_ms"]
+        if name not in ("adamw", "adamw_fused"):
+            entry["aten_ops_per_projected_weight"] = aten_ops_per_projected_weight(preset, name, rank, args.gap, device)
         regular = entry["step"]["median_ms"]
         if name in REFRESHED:
-            entry["refresh_step"] = summarize(step_times(model, name, rank, 1, args.refresh_repeats, 1))
+            entry["refresh_step"] = summarize(step_times(model, name, rank, 1, args.refresh_repeats, 1)[0])
             entry["refresh_overhead_ms"] = (entry["refresh_step"]["median_ms"] - regular) / args.gap
         entry["amortised_step_ms"] = regular + entry.get("refresh_overhead_ms", 0.0)
         result["optimizers"][name] = entry
         bar.update()
+    bar.set_postfix_str(f"{preset} full-rank group")
+    group_times = full_rank_group_times(model, args.repeats, args.warmup)
+    result["full_rank_group"] = {key: summarize(value) for key, value in group_times.items()}
+    result["full_rank_group"]["osd_vs_torch_fused"] = result["full_rank_group"]["osd"]["median_ms"] / result["full_rank_group"]["torch_fused"]["median_ms"]
     if throughput:
-        for name in args.optimizers:
-            bar.set_postfix_str(f"{preset} {name} train")
+        bar.set_postfix_str(f"{preset} train")
+        names = [name for name in args.optimizers if name in args.throughput_optimizers]
+        all_times = interleaved_train_times(model, batch, names, rank, args.gap, args.train_repeats, args.train_warmup)
+        for name, times in all_times.items():
             entry = result["optimizers"][name]
-            times = train_step_times(model, batch, name, rank, args.gap, args.train_repeats, args.train_warmup)
             entry["train"] = {key: summarize(value) for key, value in times.items()}
             seconds = (entry["train"]["train_step"]["median_ms"] + entry.get("refresh_overhead_ms", 0.0)) / 1e3
             entry["tokens_per_s"] = tokens / seconds
             bar.update()
-        if "adamw" in result["optimizers"]:
-            base = result["optimizers"]["adamw"]["tokens_per_s"]
-            for entry in result["optimizers"].values():
-                entry["throughput_vs_adamw"] = entry["tokens_per_s"] / base
+        base_name = next((name for name in ("adamw", "adamw_fused") if name in all_times), None)
+        if base_name:
+            base = result["optimizers"][base_name]["tokens_per_s"]
+            result["throughput_baseline"] = base_name
+            for name in all_times:
+                result["optimizers"][name]["throughput_vs_adamw"] = result["optimizers"][name]["tokens_per_s"] / base
         if args.profile:
             bar.set_postfix_str(f"{preset} {args.profile} profile")
             path = profile_train_step(model, batch, args.profile, rank, args.gap, Path(args.out) / f"profile_{preset}_{args.profile}.txt")
@@ -167,28 +260,41 @@ def bench_preset(preset: str, args: argparse.Namespace, throughput: bool, bar: t
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    step_rows, train_rows = [], []
+    step_rows, train_rows, group_rows, rate_lines = [], [], [], []
     for res in results:
         base = res["optimizers"].get("adamw", {}).get("amortised_step_ms")
         for name, e in res["optimizers"].items():
             refresh = format_ms(e["refresh_step"]) if "refresh_step" in e else "—"
             ratio = f"{e['amortised_step_ms'] / base:.2f}x" if base else "—"
-            step_rows.append([res["preset"], res["rank"], name, format_ms(e["step"]), refresh, f"{e['amortised_step_ms']:.2f}", ratio])
+            thirty_two = res["optimizers"].get(name.removesuffix(EIGHT_BIT)) if name.endswith(EIGHT_BIT) else None
+            vs_32 = f"{e['step']['median_ms'] / thirty_two['step']['median_ms']:.2f}x" if thirty_two else "—"
+            step_rows.append([res["preset"], res["rank"], name, format_ms(e["step"]), f"{e['floor_ms']:.1f}", f"{e['vs_floor']:.2f}x",
+                              f"{e['gflop']:.2f}", f"{e['mbytes']:.0f}", e.get("aten_ops_per_projected_weight", "—"), refresh,
+                              f"{e['amortised_step_ms']:.2f}", ratio, vs_32])
             if "train" in e:
                 t = e["train"]
                 train_rows.append([res["preset"], name, format_ms(t["forward_backward"]), format_ms(t["step"]), format_ms(t["train_step"]),
                                    f"{e['tokens_per_s']:.0f}", f"{e['throughput_vs_adamw']:.3f}x" if "throughput_vs_adamw" in e else "—"])
+        g = res["full_rank_group"]
+        group_rows.append([res["preset"], format_ms(g["osd"]), format_ms(g["torch_fused"]), f"{g['osd_vs_torch_fused']:.2f}x"])
+        gemm = ", ".join(f"{shape}: {rate:.0f}" for shape, rate in res["machine_rates"]["gemm_gflops"].items())
+        rate_lines.append(f"- {res['preset']}: GEMM GFLOP/s by shape m x n : r ({gemm}); bandwidth {res['machine_rates']['bandwidth_gbs']:.1f} GB/s")
     text = (
         f"`optimizer.step()` over all parameters, median (min–max) ms of {args.repeats} steps after {args.warmup} warm-up "
         f"(refresh: {args.refresh_repeats} after 1); amortised = regular + (refresh − regular) / {args.gap}.\n\n"
-        + markdown_table(["preset", "rank", "optimizer", "step (ms)", "refresh step (ms)", "amortised step (ms)", "vs AdamW"], step_rows, numeric_from=3)
+        + markdown_table(["preset", "rank", "optimizer", "step (ms)", "floor (ms)", "step / floor", "GFLOP", "MB moved", "aten ops / projected weight",
+                          "refresh step (ms)", "amortised step (ms)", "vs AdamW (foreach)", "8-bit vs 32-bit"], step_rows, numeric_from=3)
+        + "\n\nFloor = matrix-product FLOPs at the measured GEMM rate of their shape + compulsory bytes at the measured copy bandwidth:\n"
+        + "\n".join(rate_lines)
+        + "\n\nThe full-rank group alone (parameters osd_adamw does not project), interleaved, median (min–max) ms:\n\n"
+        + markdown_table(["preset", "osd full-rank path", "torch AdamW fused", "osd / torch fused"], group_rows)
         + "\n"
     )
     if train_rows:
         batch = f"{args.batch_size} x {args.seq_len}"
         text += (
-            f"\nTraining throughput, batch {batch} tokens: {args.train_repeats} steps after {args.train_warmup} warm-up, median (min–max) ms; "
-            "tokens/s from the median step plus the amortised refresh.\n\n"
+            f"\nTraining throughput, batch {batch} tokens: {args.train_repeats} steps after {args.train_warmup} warm-up, the optimizers interleaved, "
+            "median (min–max) ms; tokens/s from the median step plus the amortised refresh; vs the torch AdamW run.\n\n"
             + markdown_table(["preset", "optimizer", "forward+backward (ms)", "step (ms)", "train step (ms)", "tokens/s", "vs AdamW"], train_rows, numeric_from=2)
             + "\n"
         )
@@ -200,7 +306,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.description = __doc__.split("\n\n")[0]
     parser.add_argument("--presets", nargs="+", default=["60m", "130m"], choices=list(PRESETS), help="model presets (default: 60m 130m)")
     parser.add_argument("--throughput-presets", nargs="*", default=["60m"], help="presets whose training throughput is measured (default: 60m)")
-    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS), help="default: all four")
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS), help="default: all")
+    parser.add_argument("--throughput-optimizers", nargs="+", default=["adamw", "osd_adamw"], choices=list(OPTIMIZERS),
+                        help="optimizers whose training throughput is measured, interleaved, each on its own model copy (default: adamw osd_adamw)")
     parser.add_argument("--rank", type=int, default=None, help="rank for every preset (default: the papers' rank, 60m: 128, 130m: 256)")
     parser.add_argument("--gap", type=int, default=200, help="GaLore/GoLore update_proj_gap the refresh is amortised over (default: 200)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per batch (default: 16)")
@@ -211,6 +319,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--train-repeats", type=int, default=3, help="timed training steps (default: 3)")
     parser.add_argument("--train-warmup", type=int, default=2, help="untimed training steps first (default: 2)")
     parser.add_argument("--profile", choices=list(OPTIMIZERS), default=None, help="also profile one training step of this optimizer")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="default cpu")
     parser.add_argument("--random-tokens", action="store_true", help="random token ids (vocab 32100) instead of C4 text")
     parser.add_argument("--shared", type=Path, default=Path("../shared"), help="folder with the C4 sample and t5 tokenizer (default: ../shared)")
     parser.add_argument("--seed", type=int, default=0)
@@ -226,12 +335,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             return usage_error("step", f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0 or args.train_warmup < 0:
         return usage_error("step", "--warmup and --train-warmup must be >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return usage_error("step", "--device cuda, but CUDA is not available")
     unknown = set(args.throughput_presets) - set(args.presets)
     if unknown:
         return usage_error("step", f"--throughput-presets {sorted(unknown)} are not among --presets {args.presets}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    machine = machine_info()
-    total = sum(len(args.optimizers) * (2 if p in args.throughput_presets else 1) for p in args.presets)
+    machine = machine_info(args.device)
+    n_train = len(set(args.optimizers) & set(args.throughput_optimizers))
+    total = sum(len(args.optimizers) + (n_train if p in args.throughput_presets else 0) for p in args.presets)
     try:
         with tqdm(total=total, desc="step", unit="bench", file=sys.stderr) as bar:
             results = [bench_preset(preset, args, preset in args.throughput_presets, bar) for preset in args.presets]
