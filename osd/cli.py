@@ -1,4 +1,4 @@
-"""The ``osd`` command: ``osd train ...``, ``osd memory ...``, ``osd bench NAME ...`` and ``osd plot RUN_DIR ...``."""
+"""The ``osd`` command: ``osd train ...``, ``osd eval RUN ...``, ``osd memory ...``, ``osd bench NAME ...`` and ``osd plot RUN_DIR ...``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from osd import memory_report
+from osd import memory_report, perplexity
 from osd import train as train_module
 from osd.bench import BENCHMARKS
 from osd.config import build_parser
@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="osd", description="Gradient-subspace optimizers for LLM training.")
     commands = parser.add_subparsers(dest="command", required=True)
     build_parser(commands.add_parser("train", help="pretrain LLaMA (python -m osd.train)"))
+    perplexity.build_parser(commands.add_parser("eval", help="perplexity and bits per byte of a trained model on a text"))
     memory_report.build_parser(commands.add_parser("memory", help="memory breakdown per optimizer, estimated and --measure'd"))
     plot = commands.add_parser("plot", help="draw loss / perplexity curves of runs into one PNG")
     plot.add_argument("run_dirs", nargs="+", help="osd train output directories")
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "train":
         return train_module.run(args)
+    if args.command == "eval":
+        return perplexity.run(args)
     if args.command == "memory":
         return memory_report.run(args)
     if args.command == "bench":

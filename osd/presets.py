@@ -8,6 +8,7 @@ full-rank optimizer; ``adamw`` is ``torch.optim.AdamW`` itself.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Iterable
 
 import torch
@@ -114,7 +115,7 @@ def create_optimizer(
     if not method:
         if rank is not None:
             raise ValueError(f"optimizer {name!r} is full-rank; rank={rank} applies only to osd_/galore_/golore_ optimizers")
-        torch_keys = {"betas", "eps", "weight_decay"}
+        torch_keys = set(inspect.signature(torch.optim.AdamW).parameters) - {"params", "lr"}
         subspace_only = {k: v for k, v in kwargs.items() if k not in torch_keys and SUBSPACE_DEFAULTS.get(k, object()) != v}
         if name == "adamw" and torch_adamw and not subspace_only:
             return torch.optim.AdamW(model.parameters(), lr=lr, **{k: v for k, v in kwargs.items() if k in torch_keys})

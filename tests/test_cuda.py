@@ -58,7 +58,17 @@ def test_steps_on_cuda_match_the_cpu(name: str, kwargs: dict) -> None:
     run_steps(cpu, name, 8, **kwargs)
     run_steps(gpu, name, 8, **kwargs)
     for (n, a), b in zip(cpu.named_parameters(), gpu.parameters()):
-        assert relative_error(b.detach().cpu(), a.detach(), w0[n]) < (1e-2 if "optim_bits" in kwargs else 1e-4), n
+        assert relative_error(b.detach().cpu(), a.detach(), w0[n]) < _tolerance(name, kwargs), n
+
+
+def _tolerance(name: str, kwargs: dict) -> float:
+    """8-bit states: one code step. OSD (Adam on P): P's optimizer normalises the last-bit
+    differences of the two devices' matrix products in P's gradient, so they grow step by step
+    (the same mechanism as 1 vs 2 CPU threads); measured 1.17e-4 after 8 steps on an H100
+    (torch 2.11+cu130). Everything else: 1e-4."""
+    if "optim_bits" in kwargs:
+        return 1e-2
+    return 5e-4 if name.startswith("osd_") else 1e-4
 
 
 def test_full_rank_adamw_on_cuda_is_torchs_fused_kernel() -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from osd.bench.results import markdown_table, plot_curves, usage_error, write_results
+from osd.bench.results import markdown_table, plot_curves, spread, usage_error, write_results
 from osd.config import ConfigError, TrainConfig
 from osd.data import DataError
 from osd.plot import read_metrics
@@ -111,12 +111,8 @@ def run_convergence(base: dict[str, Any], specs: Sequence[str], seeds: Sequence[
         })
     summary = {}
     for spec, results in runs.items():
-        ppl = [r["val_ppl"] for r in results]
         summary[spec] = {
-            "val_ppl_mean": statistics.fmean(ppl),
-            "val_ppl_std": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
-            "val_ppl_min": min(ppl),
-            "val_ppl_max": max(ppl),
+            **spread([r["val_ppl"] for r in results], "val_ppl"),
             "optimizer_state_bytes": results[0]["optimizer_state_bytes"],
             "runs": results,
         }

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["machine_info", "markdown_table", "measure", "plot_curves", "summarize", "usage_error", "write_results"]
+__all__ = ["machine_info", "markdown_table", "measure", "plot_curves", "spread", "summarize", "usage_error", "write_results"]
 
 
 def _cpu_model() -> str:
@@ -85,6 +85,16 @@ def summarize(times_ms: Sequence[float]) -> dict[str, Any]:
     return {"median_ms": statistics.median(times_ms), "min_ms": min(times_ms), "max_ms": max(times_ms), "times_ms": list(times_ms)}
 
 
+def spread(values: Sequence[float], name: str) -> dict[str, float]:
+    """``{name}_mean``, ``_std`` (sample; 0 for one value), ``_min`` and ``_max`` of ``values`` (over seeds)."""
+    return {
+        f"{name}_mean": statistics.fmean(values),
+        f"{name}_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        f"{name}_min": min(values),
+        f"{name}_max": max(values),
+    }
+
+
 def format_ms(summary: Mapping[str, Any]) -> str:
     """``median (min–max)`` of a :func:`summarize` result."""
     return f"{summary['median_ms']:.2f} ({summary['min_ms']:.2f}–{summary['max_ms']:.2f})"
@@ -138,10 +148,12 @@ def plot_curves(
     ylabel: str,
     title: str,
     log_y: bool = True,
+    hlines: Mapping[str, float] | None = None,
+    legend_loc: str = "best",
 ) -> Path:
     """One line per label: ``curves[label] = (x, [y of run 1, y of run 2, ...])``; the mean
-    over runs is drawn, with the min–max band when there are several runs. PNG to ``path``
-    (its folder is created if missing)."""
+    over runs is drawn, with the min–max band when there are several runs; ``hlines[label]``
+    is a dashed horizontal reference line. PNG to ``path`` (its folder is created if missing)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,9 +166,11 @@ def plot_curves(
         (line,) = ax.plot(x[:length], runs.mean(0).tolist(), label=label, linewidth=1.2)
         if len(ys) > 1:
             ax.fill_between(x[:length], runs.min(0).values.tolist(), runs.max(0).values.tolist(), color=line.get_color(), alpha=0.2)
+    for label, y in (hlines or {}).items():
+        ax.axhline(y, color="black", linestyle="--", linewidth=1, label=label)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title, yscale="log" if log_y else "linear")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc=legend_loc, fontsize="small")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
