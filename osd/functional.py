@@ -23,6 +23,15 @@ __all__ = [
     "lion_direction",
     "adafactor_direction",
     "sgd_direction",
+    "newton_schulz",
+    "muon_direction",
+    "transport_matrix",
+    "transport_first_moment",
+    "transport_second_moment",
+    "channel_ratios",
+    "limit_norm_growth",
+    "fira_update",
+    "apollo_update",
     "online_pca_loss",
     "online_pca_grad",
     "svd_basis",
@@ -138,6 +147,160 @@ def sgd_direction(grad: Tensor, momentum_buffer: Tensor | None, momentum: float,
     if nesterov:
         return grad.add(momentum_buffer, alpha=momentum)
     return momentum_buffer.clone()
+
+
+# Newton-Schulz coefficients (a, b, c) of the quintic map x -> a x + b x^3 + c x^5 applied to
+# the singular values: chosen (Jordan et al., Muon, 2024) to push every value in (0, 1] to
+# about [0.7, 1.2] in five iterations, steeply near 0, rather than to converge to exactly 1.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+MUON_SCALES = ("rms", "spectral")
+
+
+def newton_schulz(X: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """Approximate orthogonalisation ``U V^T`` of ``X = U S V^T`` (``a x b``), as in Muon.
+
+    ``X`` is divided by its Frobenius norm (so every singular value is at most 1), then
+    ``steps`` times ``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` (``min x min``: the
+    matrix is transposed first when it has more rows than columns). Each iteration maps each
+    singular value ``s`` to ``a s + b s^3 + c s^5`` and leaves the singular vectors alone.
+    Computed in float32 (the caller's dtype is restored); cost ``O(a b min(a, b))`` per step.
+    """
+    a, b, c = NS_COEFFICIENTS
+    tall = X.shape[-2] > X.shape[-1]
+    Y = X.float().mT if tall else X.float()
+    Y = Y / (Y.norm() + eps)
+    for _ in range(steps):
+        A = Y @ Y.mT
+        Y = torch.addmm(Y, torch.addmm(A, A, A, beta=b, alpha=c), Y, beta=a)
+    return (Y.mT if tall else Y).to(X.dtype)
+
+
+def muon_direction(grad: Tensor, momentum_buffer: Tensor, momentum: float, nesterov: bool, ns_steps: int, scale: str) -> Tensor:
+    """Muon: ``b <- mu b + g`` (in place), ``M = g + mu b`` (Nesterov) or ``b``, then
+    ``D = s * newton_schulz(M)``.
+
+    ``D`` has every singular value near ``s``: the update of a matrix ``a x b`` moves all of
+    its directions by the same amount. The shape-aware factor ``s``:
+
+    - ``"rms"``: ``0.2 sqrt(max(a, b))``, which gives ``D`` an RMS of about 0.2 (an exactly
+      orthogonal ``a x b`` matrix has RMS ``1 / sqrt(max(a, b))``), like a typical AdamW update,
+      so AdamW's learning rate and weight decay carry over (Liu et al., "Muon is scalable", 2025);
+    - ``"spectral"``: ``sqrt(max(1, a / b))`` (Jordan et al.'s Muon).
+
+    In a subspace the matrix is ``R``'s (``r x n``); ``P D`` then has the same singular values
+    as ``D`` for an orthonormal ``P``.
+    """
+    momentum_buffer.mul_(momentum).add_(grad)
+    M = grad.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer
+    rows, cols = grad.shape
+    factor = 0.2 * math.sqrt(max(rows, cols)) if scale == "rms" else math.sqrt(max(1.0, rows / cols))
+    return newton_schulz(M, ns_steps).mul_(factor)
+
+
+# --------------------------------------------------------------------------------------
+# Moment transport: re-expressing the inner rule's state when P moves.
+# --------------------------------------------------------------------------------------
+
+
+def transport_matrix(P_old: Tensor, P_new: Tensor) -> Tensor:
+    """``C`` (``r x r``) that maps coordinates ``R = P_old^T G`` to ``P_new^T G``.
+
+    A state such as Adam's first moment is an average of ``R_t = P^T G_t``. If ``G`` lies in
+    ``span(P_old)``, ``G = P_old c`` with ``c = (P_old^T P_old)^{-1} R_old``, so
+
+        R_new = P_new^T G = C R_old,   C = P_new^T P_old (P_old^T P_old)^{-1}.
+
+    For an orthonormal ``P_old`` this is LDAdam's and GoLore's ``P_new^T P_old``; the Gram
+    factor makes ``C`` the identity when ``P`` is unchanged and ``Q^T`` when ``P_new = P_old Q``
+    (any invertible ``Q``) even if ``P`` has drifted from orthonormality (online PCA keeps it
+    only approximately). Cost ``O(m r^2 + r^3)``; computed in float32 at least (float64 for
+    float64 inputs), returned in that dtype.
+    """
+    dtype = torch.promote_types(P_new.dtype, torch.float32)  # at least float32 for the solve
+    P_old, P_new = P_old.to(dtype), P_new.to(dtype)
+    # C^T = gram^{-1} (P_old^T P_new), gram symmetric positive definite.
+    return torch.linalg.solve(P_old.mT @ P_old, P_old.mT @ P_new).mT
+
+
+def transport_first_moment(state: Tensor, C: Tensor) -> Tensor:
+    """``C m`` for a state whose rows are subspace coordinates (``r x n`` or ``r``)."""
+    return C @ state
+
+
+def transport_second_moment(state: Tensor, C: Tensor) -> Tensor:
+    """``(C * C) v`` (``C`` squared elementwise) for a per-coordinate second moment ``v``.
+
+    ``v_ij`` estimates ``E[R_ij^2]``. In the new coordinates ``R'_kj = sum_i C_ki R_ij`` and
+
+        E[R'_kj^2] = sum_i C_ki^2 E[R_ij^2] + sum_{i != l} C_ki C_kl E[R_ij R_lj].
+
+    Adam keeps no cross terms, so we take them to be zero (coordinates uncorrelated), which
+    leaves ``v' = (C * C) v``: a non-negative combination of non-negative entries, hence never
+    negative (the first moment's map ``C v`` could make it so), exact when ``C`` is a signed
+    permutation (and so when ``P`` is unchanged), and a weighted mean of the old entries when
+    ``P`` rotates within its span (the rows of an orthogonal ``C * C`` sum to 1).
+    """
+    return C.square() @ state
+
+
+# --------------------------------------------------------------------------------------
+# Off-subspace compensation (Fira, APOLLO).
+# --------------------------------------------------------------------------------------
+
+
+def channel_ratios(direction: Tensor, R: Tensor, granularity: str, eps: float = 1e-8) -> Tensor:
+    """How much the inner rule amplified the low-rank gradient ``R`` (``r x n``) into its
+    update ``D``: ``||D_:j|| / ||R_:j||`` per column ``j`` (``"channel"``, shape ``1 x n``) or
+    ``||D|| / ||R||`` (``"tensor"``, a scalar), ``eps`` added to the denominators."""
+    if granularity == "tensor":
+        return direction.norm() / (R.norm() + eps)
+    return (direction.norm(dim=0) / (R.norm(dim=0) + eps)).unsqueeze(0)
+
+
+def limit_norm_growth(update: Tensor, previous_norm: Tensor, limit: float | None) -> Tensor:
+    """Norm-growth limiter: if ``||S_t|| > limit * ||S_{t-1}||``, rescale ``S_t`` to norm
+    ``limit * ||S_{t-1}||`` (``S_t`` in place). ``previous_norm`` (a 0-d tensor, 0 before the
+    first step, when nothing is limited) is set to ``||S_t||`` after limiting. ``limit=None``
+    only records the norm."""
+    norm = update.norm()
+    if limit is not None:
+        cap = limit * previous_norm
+        factor = torch.where((previous_norm > 0) & (norm > cap), cap / norm, torch.ones_like(norm))
+        update.mul_(factor.to(update.dtype))
+        norm = norm * factor
+    previous_norm.copy_(norm)
+    return update
+
+
+def fira_update(P: Tensor, direction: Tensor, G: Tensor, R: Tensor, previous_norm: Tensor, granularity: str, limit: float | None) -> Tensor:
+    """Fira (Chen et al., arXiv 2410.01623): the low-rank update plus the part of the
+    gradient the projection drops, scaled like the low-rank part was.
+
+        U = P D + limit_norm_growth(phi * (G - P R))
+
+    with ``phi`` from :func:`channel_ratios` (``D`` against ``R``): the residual
+    ``G - P P^T G`` gets no optimizer state of its own, it borrows the per-column
+    amplification that the inner rule applied in the subspace. The limiter keeps a sudden
+    jump of the residual (a loss spike) from being amplified. ``G - P R`` is exactly zero
+    when ``P`` spans the whole space (``r = m``, ``P`` orthogonal). Temporaries ``m x n``;
+    state: one scalar.
+    """
+    low_rank = P @ direction
+    residual = (G - P @ R).mul_(channel_ratios(direction, R, granularity))
+    return low_rank.add_(limit_norm_growth(residual, previous_norm, limit))
+
+
+def apollo_update(direction: Tensor, G: Tensor, R: Tensor, previous_norm: Tensor, granularity: str, limit: float | None) -> Tensor:
+    """APOLLO (Zhu et al., arXiv 2412.05270): the low-rank state only estimates how much to
+    scale each channel; the update is the full gradient, scaled.
+
+        U = limit_norm_growth(G * phi)
+
+    with ``phi`` from :func:`channel_ratios` (per column of ``G``, or one scalar for
+    APOLLO-Mini's ``"tensor"``). ``P D`` itself is not applied. Temporaries ``m x n``;
+    state: one scalar.
+    """
+    return limit_norm_growth(G * channel_ratios(direction, R, granularity), previous_norm, limit)
 
 
 # --------------------------------------------------------------------------------------

@@ -30,9 +30,11 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes of optimizer state held in tensors, by kind.
 
     - ``moments``: the inner rule's state (``exp_avg``, ``exp_avg_sq``, Adafactor's factors,
-      their 8-bit codes and block maxima, ...);
+      their 8-bit codes and block maxima, ...) and the compensation's limiter (one scalar
+      per weight, :mod:`osd.compensation`);
     - ``projection``: the projection matrices ``P`` (``state["proj"]``);
-    - ``proj_optimizer``: the state of ``P``'s own optimizer (``state["proj_*"]``, OSD);
+    - ``proj_optimizer``: the state of ``P``'s own optimizer (``state["proj_*"]``, OSD) and
+      the gradient sketch of the ``sketch_pca`` projector (``state["proj_sketch"]``);
     - ``total``: their sum.
 
     Works for any ``torch.optim.Optimizer`` (a full-rank torch optimizer has only moments;

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from osd import quantization, sharded
+from osd import compensation, quantization, sharded, transport
 from osd.compat import compat_defaults, translate_reference_kwargs
 from osd.projectors import PROJECTORS, SVD_METHODS, get_projector
 from osd.rules import PROJ_RULES, RULES, get_rule
@@ -49,6 +49,11 @@ SUBSPACE_DEFAULTS: dict[str, Any] = {
     "min_8bit_size": 4096,
     "max_grad_norm": None,
     "decay_after_update": False,
+    # Options of every projector (osd.transport, osd.compensation); off by default.
+    "moment_transport": None,
+    "compensation": None,
+    "compensation_granularity": "channel",
+    "compensation_limit": 1.01,
     "svd_method": "svd",
     "svd_niter": 2,
 }
@@ -90,8 +95,9 @@ def _refuse_foreign_keys(keys: Iterable[str], rule: str, projector: str, where: 
 
 # Peak learning rate per inner rule when none is given (see the README's defaults table):
 # AdamW / Adafactor 1e-2 with scale 0.25 is GaLore's LLaMA-on-C4 recipe; Lion takes a
-# 3-10x smaller lr than AdamW (Chen et al., 2023); SGD-momentum a gradient-sized one.
-DEFAULT_LR: dict[str, float] = {"adamw": 1e-2, "adafactor": 1e-2, "lion": 2e-3, "sgd": 0.1}
+# 3-10x smaller lr than AdamW (Chen et al., 2023); SGD-momentum a gradient-sized one; Muon's
+# "rms" scale gives AdamW-sized updates, so AdamW's lr carries over (Liu et al., 2025).
+DEFAULT_LR: dict[str, float] = {"adamw": 1e-2, "adafactor": 1e-2, "lion": 2e-3, "sgd": 0.1, "muon": 1e-2}
 
 # torch.optim's implementation switches: the value each may take here, and why others cannot.
 TORCH_SWITCHES: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -152,9 +158,12 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             (``model.named_parameters()``) are accepted and used in error messages.
         lr: learning rate of the weights (``lr_W``); default :data:`DEFAULT_LR` of the rule
             (AdamW: 1e-2). NumPy scalars are accepted wherever a number is.
-        rule: inner update rule: ``"adamw"``, ``"lion"``, ``"adafactor"`` or ``"sgd"``.
-        projector: ``"online_pca"`` (OSD), ``"svd"`` (GaLore), ``"random"`` (GoLore) or
-            ``"identity"`` (no projection, for checking the one code path against torch).
+        rule: inner update rule: ``"adamw"``, ``"lion"``, ``"adafactor"``, ``"sgd"`` or
+            ``"muon"`` (matrices only: put vectors in a group with another ``rule``).
+        projector: ``"online_pca"`` (OSD), ``"svd"`` (GaLore), ``"random"`` (GoLore),
+            ``"sketch_pca"`` (online PCA of a sketch of the gradient's moving average, see
+            :class:`osd.projectors.SketchedPCAProjector`) or ``"identity"`` (no projection,
+            for checking the one code path against torch).
         rank: default rank for every group (``None``: full-rank unless a group sets it).
         update_proj_gap: steps between SVD / random refreshes (``T``); also enters the
             released-code learning rate of OSD's ``P``.
@@ -188,6 +197,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         optim_bits: 32, or 8 for block-wise 8-bit moments (the inner rule's and ``P``'s
             optimizer's state; see :mod:`osd.quantization`); tensors under
             ``min_8bit_size`` elements stay float32, as in bitsandbytes.
+        moment_transport: re-express the inner rule's moments when ``P`` moves: ``None``,
+            ``"first"``, ``"nonnegative"`` or ``"reset"`` (see :mod:`osd.transport`).
+        compensation, compensation_granularity, compensation_limit: use the gradient outside
+            ``span(P)``: ``None``, ``"fira"`` or ``"apollo"``, per ``"channel"`` or ``"tensor"``,
+            with a norm-growth limiter (see :mod:`osd.compensation`).
         max_grad_norm: clip each parameter's gradient as the inner rule sees it (``R`` for
             projected weights, ``G`` otherwise) to this norm: ``R *= min(1, c / (||R|| + 1e-6))``.
             Per parameter, unlike ``torch.nn.utils.clip_grad_norm_``, so it means the same in
@@ -302,6 +316,12 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                     "weight's dtype, and float16's range and precision break Adam's second moment and P's updates; "
                     "keep float32 weights (torch.autocast(dtype=torch.float16) for the compute) or use bfloat16"
                 )
+            if get_rule(group["rule"]).matrices_only and p.dim() != 2:
+                self.param_groups.pop()
+                raise ValueError(
+                    f"rule {group['rule']!r} updates matrices only, and parameter {self._param_name(group, p)} has shape "
+                    f"{tuple(p.shape)}: put it in a param group with another rule (e.g. {{'params': [...], 'rule': 'adamw'}})"
+                )
         # Documented fallback: vectors and >2-D tensors in a rank group train full-rank.
         fallbacks = [self._param_name(group, p) for p in group["params"] if group["rank"] is not None and p.dim() != 2]
         if self._fallbacks is None:
@@ -349,6 +369,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         clip = group["max_grad_norm"]
         if clip is not None and (not isinstance(clip, (int, float)) or isinstance(clip, bool) or not clip > 0.0):
             raise ValueError(f"max_grad_norm must be None or a number > 0, got {clip!r}")
+        transport.validate(group, projector.moves_every_step)
+        compensation.validate(group)
         projector.validate(group)
 
     @staticmethod
@@ -429,7 +451,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if "rank" not in state:
             return True
         group = self._group_of[id(p)]
-        return PROJECTORS[group["projector"]].needs_grad(state, group)
+        return group["compensation"] is not None or PROJECTORS[group["projector"]].needs_grad(state, group)
 
     @torch.no_grad()
     def project(self, p: Tensor, grad: Tensor) -> Tensor:
@@ -498,17 +520,19 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         with self._float_states(state, group, p.dtype):
             G = None if grad is None else grad.mT if state["transposed"] else grad
             if G is not None:
-                projector.prepare(state, G, group)
+                with transport.transporting(state, group, rule):
+                    projector.prepare(state, G, group)
             P = state.get("proj")
             R = projected if projected is not None else G if P is None else P.mT @ G
-            rule_input = R
+            rule_input, rule_G = R, G
             if group["max_grad_norm"] is not None:
                 norm = grad_norm if P is None or projected is not None else torch.linalg.vector_norm(R)
-                rule_input = R * (group["max_grad_norm"] / (norm + 1e-6)).clamp(max=1.0)
-            direction = rule.direction(rule_input, state, hparams, state["step"] + 1, "")
+                clip = (group["max_grad_norm"] / (norm + 1e-6)).clamp(max=1.0)
+                rule_input, rule_G = R * clip, None if G is None else G * clip
+            direction = rule.direction(rule_input, state, hparams, transport.rule_step(state), "")
             lr, decay = group["lr"], hparams["weight_decay"]
             decay_before = bool(decay) and not group["decay_after_update"]
-            if P is not None and not rule.finalizes(hparams) and not isinstance(p, DTensor):
+            if P is not None and group["compensation"] is None and not rule.finalizes(hparams) and not isinstance(p, DTensor):
                 # W <- (1 - lr wd) W - lr scale P D as one GEMM: no m x n temporary, one pass over W.
                 beta, alpha = (1.0 - lr * decay if decay_before else 1.0), -lr * group["scale"]
                 if state["transposed"]:
@@ -516,7 +540,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 else:
                     p.addmm_(P, direction, beta=beta, alpha=alpha)
             else:
-                update = direction if P is None else P @ direction
+                update = direction if P is None else compensation.update(state, group, P, direction, rule_G, rule_input)
                 update, scale = rule.finalize(update, group["scale"] if P is not None else 1.0, hparams)
                 if decay_before:
                     p.mul_(1.0 - lr * decay)
@@ -524,7 +548,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             if decay and group["decay_after_update"]:
                 p.add_(p, alpha=-lr * decay)  # W' - lr wd W', as Hugging Face's AdamW rounds it
             if G is not None:
-                projector.advance(state, G, R, grad_norm, group)
+                with transport.transporting(state, group, rule, in_place=projector.moves_in_advance(state)):
+                    projector.advance(state, G, R, grad_norm, group)
         state["step"] += 1
 
     @staticmethod
@@ -584,6 +609,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         grad = self._working_grad(group, grad, projected)
         G = grad.mT if state["transposed"] else grad
         projector.init_state(state, G, rank, group)
+        if projected:
+            compensation.init_state(state, group, G)
         low_rank_like = G if not projected else G.new_empty(rank, G.shape[1])
         rule = RULES[group["rule"]]
         state.update(rule.init_state(low_rank_like, rule.hparams(group), ""))
@@ -714,8 +741,9 @@ _CODES, _ABSMAX, _SHAPE = ":codes", ":absmax", ":shape"
 
 
 def _quantizable(key: Any, value: Any, min_size: int) -> bool:
-    """Optimizer states (not ``P`` itself) that are float tensors of at least ``min_size`` elements."""
-    return key != "proj" and isinstance(value, Tensor) and value.is_floating_point() and value.numel() >= max(min_size, 1)
+    """Optimizer states (not ``P`` itself nor the compensation's limiter) that are float tensors
+    of at least ``min_size`` elements."""
+    return key not in ("proj", compensation.STATE_KEY) and isinstance(value, Tensor) and value.is_floating_point() and value.numel() >= max(min_size, 1)
 
 
 def _store_8bit(state: dict[str, Any], key: str, value: Tensor, nonnegative: bool) -> None:

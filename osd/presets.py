@@ -36,12 +36,12 @@ __all__ = [
     "create_optimizer",
 ]
 
-METHODS: dict[str, str] = {"osd": "online_pca", "galore": "svd", "golore": "random"}
+METHODS: dict[str, str] = {"osd": "online_pca", "galore": "svd", "golore": "random", "osd_sketch": "sketch_pca"}
 
 
 # The conventions each method's named classes default to (see osd.compat): GaLore's and
 # GoLore's reference codes are galore_torch's HF-style AdamW; OSD's classes keep torch's.
-METHOD_COMPAT: dict[str, str | None] = {"osd": None, "galore": "galore_torch", "golore": "galore_torch"}
+METHOD_COMPAT: dict[str, str | None] = {"osd": None, "galore": "galore_torch", "golore": "galore_torch", "osd_sketch": None}
 
 
 def _named(class_name: str, method: str, rule: str, **class_defaults: Any) -> type[SubspaceOptimizer]:
@@ -123,9 +123,32 @@ def create_optimizer(
         if name == "adamw" and torch_adamw and not subspace_only:
             return torch.optim.AdamW(model.parameters(), lr=lr, **{k: v for k, v in kwargs.items() if k in torch_keys})
         groups = [{"params": list(model.named_parameters())}]
-        return SubspaceOptimizer(_embeddings_apart(model, groups, kwargs), lr, rule=rule, projector="identity", **kwargs)
+        return SubspaceOptimizer(_matrices_apart(model, _embeddings_apart(model, groups, kwargs), rule), lr, rule=rule, projector="identity", **kwargs)
     groups = param_groups(model, rank=rank, target_modules=target_modules)
-    return SubspaceOptimizer(_embeddings_apart(model, groups, kwargs), lr, rule=rule, projector=METHODS[method], **kwargs)
+    return SubspaceOptimizer(_matrices_apart(model, _embeddings_apart(model, groups, kwargs), rule), lr, rule=rule, projector=METHODS[method], **kwargs)
+
+
+def _matrices_apart(model: nn.Module, groups: list[dict[str, Any]], rule: str) -> list[dict[str, Any]]:
+    """For a rule that updates matrices only (Muon): the parameters it should not take (vectors,
+    the input and output embeddings, as Muon's authors advise) go to groups with ``rule="adamw"``."""
+    if not RULES[rule].matrices_only:
+        return groups
+    embeddings = _embedding_ids(model)
+    other = lambda p: p.dim() != 2 or id(p) in embeddings  # noqa: E731
+    split = []
+    for group in groups:
+        split.append({**group, "params": [(n, p) for n, p in group["params"] if not other(p)]})
+        split.append({**{k: v for k, v in group.items() if k != "rank"}, "params": [(n, p) for n, p in group["params"] if other(p)], "rule": "adamw"})
+    return [group for group in split if group["params"]]
+
+
+def _embedding_ids(model: nn.Module) -> set[int]:
+    """``id``s of the input embeddings (``nn.Embedding``) and the output embeddings' weight."""
+    embeddings = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None:
+        embeddings.add(id(output.weight))
+    return embeddings
 
 
 def _embeddings_apart(model: nn.Module, groups: list[dict[str, Any]], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
@@ -133,10 +156,7 @@ def _embeddings_apart(model: nn.Module, groups: list[dict[str, Any]], kwargs: di
     embeddings) from ``groups`` into a group of their own with float32 states."""
     if kwargs.get("optim_bits", 32) == 32:
         return groups
-    embeddings = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if output is not None:
-        embeddings.add(id(output.weight))
+    embeddings = _embedding_ids(model)
     split = [{**group, "params": [(n, p) for n, p in group["params"] if id(p) not in embeddings]} for group in groups]
     kept = [(n, p) for group in groups for n, p in group["params"] if id(p) in embeddings]
     return [group for group in split if group["params"]] + ([{"params": kept, "optim_bits": 32}] if kept else [])

@@ -9,7 +9,8 @@ values inside the optimizer's per-parameter state, so ``state_dict()`` loads wit
 - ``state["transposed"]``: whether the weight was transposed into canonical orientation;
 - ``state["seed"]``: the parameter's seed for random draws;
 - ``state["basis_step"]``: (distributed runs only) the step whose ``P`` was computed ahead;
-- ``state["proj_*"]``: the state of ``P``'s own optimizer (online PCA only).
+- ``state["proj_*"]``: the state of ``P``'s own optimizer (online PCA only) and the
+  gradient sketch of ``sketch_pca`` (``state["proj_sketch"]``).
 
 A rule has two hooks around the weight update of step ``t`` (``state["step"]``, from 0):
 ``prepare`` runs before it (refresh ``P`` when due) and ``advance`` after it (move ``P``
@@ -28,7 +29,7 @@ from torch import Tensor
 from osd import functional as F
 from osd.rules import PROJ_RULES
 
-__all__ = ["Projector", "SVDProjector", "RandomProjector", "OnlinePCAProjector", "PROJECTORS", "get_projector", "proj_lr", "refresh_due"]
+__all__ = ["Projector", "SVDProjector", "RandomProjector", "OnlinePCAProjector", "SketchedPCAProjector", "PROJECTORS", "get_projector", "proj_lr", "refresh_due"]
 
 PROJ_LR_RULES = ("alpha", "released")
 
@@ -105,6 +106,7 @@ class Projector:
 
     name = "identity"
     projects = False
+    moves_every_step = False  # advance() moves P in place at every step but the first
     defaults: dict[str, Any] = {}
 
     def validate(self, group: dict[str, Any]) -> None:
@@ -122,6 +124,10 @@ class Projector:
     def needs_grad(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
         """Whether step ``state["step"]`` reads ``G`` itself rather than only ``R = P^T G``."""
         return True
+
+    def moves_in_advance(self, state: dict[str, Any]) -> bool:
+        """Whether ``advance`` at step ``state["step"]`` changes ``P`` (in place)."""
+        return self.moves_every_step and state["step"] > 0
 
 
 class SVDProjector(Projector):
@@ -182,6 +188,7 @@ class OnlinePCAProjector(Projector):
 
     name = "online_pca"
     projects = True
+    moves_every_step = True
     defaults: dict[str, Any] = {
         "alpha": 5.0,
         "ortho_reg": 0.1,
@@ -231,11 +238,14 @@ class OnlinePCAProjector(Projector):
         """
         if state["step"] == 0:
             return
-        P = state["proj"]
-        rule, hparams = self._proj_rule(group)
         # A zero gradient leaves only the orthonormality term: clamp instead of branching on
         # the norm, which would synchronise with the device.
-        loss_grad = F.online_pca_grad(P, G, group["ortho_reg"], R=R, grad_norm=grad_norm.clamp_min(1e-30))
+        self._step_P(state, F.online_pca_grad(state["proj"], G, group["ortho_reg"], R=R, grad_norm=grad_norm.clamp_min(1e-30)), group)
+
+    def _step_P(self, state: dict[str, Any], loss_grad: Tensor, group: dict[str, Any]) -> None:
+        """One step of ``P``'s optimizer on the online-PCA gradient ``loss_grad``."""
+        P = state["proj"]
+        rule, hparams = self._proj_rule(group)
         lr = proj_lr(group)
         if rule.torch_step is not None and rule.torch_step_allows(hparams):
             rule.torch_step([P], [loss_grad], [state], hparams, lr, [state["step"]], "proj_")  # one fused pass
@@ -246,7 +256,59 @@ class OnlinePCAProjector(Projector):
         P.add_(direction, alpha=-lr)
 
 
-PROJECTORS: dict[str, Projector] = {p.name: p for p in (Projector(), SVDProjector(), RandomProjector(), OnlinePCAProjector())}
+class SketchedPCAProjector(OnlinePCAProjector):
+    """Online PCA of a sketch of the gradient's moving average, not of the gradient itself.
+
+    Online PCA (and GaLore's SVD) follows the top eigenvectors of the gradient's second
+    moment ``E[G G^T] = E[G] E[G]^T + Cov(G)``: with small batches the covariance dominates
+    and ``P`` tracks the noise (the GoLore counterexample, ``osd bench counterexample``). The
+    mean's part ``M M^T`` (``M = E[G]``) is what descent needs, and a moving average of ``G``
+    estimates ``M`` with the noise averaged out. Storing ``M`` (``m x n``) would cost what
+    the low-rank state saves, so this rule keeps a sketch of it:
+
+        S <- beta S + (1 - beta) G Omega          (m x k, Omega: n x k, N(0, 1/k) entries)
+
+    and moves ``P`` by one step of its optimizer on the online-PCA loss of ``S``,
+    ``||P P^T Sn - Sn||^2 + ortho_reg ||P^T P - I||^2`` (``Sn = S / ||S||``). Since
+    ``E[Omega Omega^T] = I``, ``S S^T = M Omega Omega^T M^T`` estimates ``M M^T`` (randomised
+    range finding, Halko et al. 2011), and ``range(S) = range(M Omega)`` holds ``M``'s top
+    column space once ``k`` exceeds ``r`` by a few (``sketch_size``, default ``2 r``).
+    ``Omega`` is the same at every step: it is redrawn from the parameter's seed each step
+    rather than stored. Per step: ``G Omega`` (``m n k``, i.e. ``O(m n r)``), the ``n x k``
+    draw, and the online-PCA gradient on ``S`` (``O(m k r)``); state: ``S`` (``m x k``),
+    ``P`` and ``P``'s optimizer. ``P`` starts from the SVD of the first gradient, as OSD's.
+    """
+
+    name = "sketch_pca"
+    defaults: dict[str, Any] = {**OnlinePCAProjector.defaults, "sketch_beta": 0.99, "sketch_size": None}
+
+    def validate(self, group: dict[str, Any]) -> None:
+        super().validate(group)
+        beta, size = group["sketch_beta"], group["sketch_size"]
+        if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"sketch_beta (the moving average's decay) must be in [0, 1), got {beta!r}")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise ValueError(f"sketch_size must be None (2 * rank) or a positive int, got {size!r}")
+
+    def init_state(self, state: dict[str, Any], G: Tensor, rank: int, group: dict[str, Any]) -> None:
+        super().init_state(state, G, rank, group)
+        size = group["sketch_size"] or 2 * rank
+        state["proj_sketch"] = G.new_zeros(G.shape[0], min(size, G.shape[1]))
+
+    def advance(self, state: dict[str, Any], G: Tensor, R: Tensor, grad_norm: Tensor, group: dict[str, Any]) -> None:
+        """Fold ``G Omega`` into the sketch; from the second step on, move ``P`` towards its span."""
+        S = state["proj_sketch"]
+        omega = torch.randn(G.shape[1], S.shape[1], generator=_generator(state, -1), dtype=torch.float32)
+        omega = omega.to(device=G.device, dtype=G.dtype).div_(S.shape[1] ** 0.5)
+        S.lerp_(G @ omega, 1.0 - group["sketch_beta"])
+        if state["step"] == 0:
+            return
+        self._step_P(state, F.online_pca_grad(state["proj"], S, group["ortho_reg"], grad_norm=S.norm().clamp_min(1e-30)), group)
+
+
+PROJECTORS: dict[str, Projector] = {
+    p.name: p for p in (Projector(), SVDProjector(), RandomProjector(), OnlinePCAProjector(), SketchedPCAProjector())
+}
 
 
 def get_projector(name: str) -> Projector:

@@ -54,6 +54,12 @@ class UpdateRule:
             with ``sign_space="full"`` / ``"full_unscaled"``.
         nonnegative_states: state keys (without prefix) that are never negative; 8-bit
             storage spends all its codes on [0, 1] for them.
+        basis_states: state keys (without prefix) whose first axis is a subspace coordinate
+            (``r``): what moment transport (:mod:`osd.transport`) re-expresses when ``P``
+            moves, linearly for the signed ones and as a non-negative form for those in
+            ``nonnegative_states``.
+        matrices_only: the rule works on 2-D tensors only (Muon); other parameters need a
+            group with another rule.
         finalizes: whether ``finalize`` is more than the identity with these hyperparameters
             (else the caller may fuse projecting back into the weight update).
         torch_step: ``(params, grads, states, hparams, lr, steps, prefix) -> None``: the
@@ -71,6 +77,8 @@ class UpdateRule:
     direction: Callable[[Tensor, dict[str, Tensor], dict[str, Any], int, str], Tensor]
     finalize: Callable[[Tensor, float, dict[str, Any]], tuple[Tensor, float]] = lambda update, scale, hparams: (update, scale)
     nonnegative_states: tuple[str, ...] = ()
+    basis_states: tuple[str, ...] = ()
+    matrices_only: bool = False
     torch_step: Callable[..., None] | None = None
     finalizes: Callable[[dict[str, Any]], bool] = lambda hparams: False
     torch_step_allows: Callable[[dict[str, Any]], bool] = lambda hparams: False
@@ -145,6 +153,7 @@ ADAMW = UpdateRule(
     init_state=_adamw_init,
     direction=_adamw_direction,
     nonnegative_states=("exp_avg_sq",),
+    basis_states=("exp_avg", "exp_avg_sq"),
     torch_step=_adamw_torch_step,
     torch_step_allows=_torch_kernels_compute,
 )
@@ -189,6 +198,7 @@ LION = UpdateRule(
     init_state=_lion_init,
     direction=_lion_direction,
     finalize=_lion_finalize,
+    basis_states=("exp_avg",),
     finalizes=lambda h: h["sign_space"] != "subspace",
 )
 
@@ -231,6 +241,7 @@ ADAFACTOR = UpdateRule(
     init_state=_adafactor_init,
     direction=_adafactor_direction,
     nonnegative_states=("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"),
+    basis_states=("exp_avg", "exp_avg_sq_row"),  # exp_avg_sq_col is per column of R: no basis
 )
 
 
@@ -261,10 +272,46 @@ SGD = UpdateRule(
     validate=_sgd_validate,
     init_state=_sgd_init,
     direction=_sgd_direction,
+    basis_states=("momentum_buffer",),
 )
 
 
-RULES: dict[str, UpdateRule] = {rule.name: rule for rule in (ADAMW, LION, ADAFACTOR, SGD)}
+# --- Muon -----------------------------------------------------------------------------
+
+
+def _muon_validate(h: dict[str, Any]) -> None:
+    if not isinstance(h["momentum"], (int, float)) or not 0.0 <= h["momentum"] < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {h['momentum']!r}")
+    if not isinstance(h["nesterov"], bool):
+        raise ValueError(f"nesterov must be True or False, got {h['nesterov']!r}")
+    if not isinstance(h["ns_steps"], int) or isinstance(h["ns_steps"], bool) or h["ns_steps"] < 1:
+        raise ValueError(f"ns_steps (Newton-Schulz iterations) must be an int >= 1, got {h['ns_steps']!r}")
+    if h["muon_scale"] not in F.MUON_SCALES:
+        raise ValueError(f"muon_scale must be one of {F.MUON_SCALES}, got {h['muon_scale']!r}")
+    _check_nonnegative("weight_decay", h["weight_decay"])
+
+
+def _muon_init(like: Tensor, h: dict, prefix: str) -> dict[str, Tensor]:
+    return {prefix + "momentum_buffer": torch.zeros_like(like, memory_format=torch.preserve_format)}
+
+
+def _muon_direction(grad: Tensor, state: dict, h: dict, step: int, prefix: str) -> Tensor:
+    return F.muon_direction(grad, state[prefix + "momentum_buffer"], h["momentum"], h["nesterov"], h["ns_steps"], h["muon_scale"])
+
+
+# Momentum, then the update orthogonalised by Newton-Schulz (Muon; in a subspace: SUMO, GUM).
+MUON = UpdateRule(
+    name="muon",
+    defaults={"momentum": 0.95, "nesterov": True, "ns_steps": 5, "muon_scale": "rms", "weight_decay": 0.0},
+    validate=_muon_validate,
+    init_state=_muon_init,
+    direction=_muon_direction,
+    basis_states=("momentum_buffer",),
+    matrices_only=True,
+)
+
+
+RULES: dict[str, UpdateRule] = {rule.name: rule for rule in (ADAMW, LION, ADAFACTOR, SGD, MUON)}
 
 # Rules for Online Subspace Descent's projection matrix. "adam" is AdamW without weight
 # decay (the paper's choice); "adamw" carries torch's default decay 0.01, as the released

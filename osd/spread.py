@@ -39,8 +39,8 @@ def spread_refreshes(optimizer: torch.optim.Optimizer, rank: int, world_size: in
         return
     due = []
     for group in optimizer.param_groups:
-        if group.get("projector") not in SPREAD_PROJECTORS:
-            continue
+        if group.get("projector") not in SPREAD_PROJECTORS or group.get("moment_transport") is not None:
+            continue  # a weight with moment transport needs its old P at the refresh: not spread
         for p in group["params"]:
             state = optimizer.state.get(p)
             if p.grad is not None and state and "rank" in state and refresh_due(state, group):

@@ -102,7 +102,7 @@ def _subspace_kwargs(config: TrainConfig) -> dict[str, Any]:
         kwargs["max_grad_norm"] = config.grad_clip
     if method:
         kwargs.update(rank=config.rank, update_proj_gap=config.update_proj_gap, scale=config.scale, seed=config.seed)
-    if method == "osd":
+    if method in ("osd", "osd_sketch"):
         kwargs.update(alpha=config.alpha, ortho_reg=config.ortho_reg, proj_optimizer=config.proj_optimizer, proj_lr_rule=config.proj_lr_rule)
     extra = config.extra_optimizer_kwargs()
     if method == "golore" and extra.get("svd_until"):

@@ -30,7 +30,8 @@ TARGETS = ("self_attn", "mlp")  # LLaMA's projected Linear layers (q, k, v, o, g
 
 # Per inner rule: a learning rate that trains this model well in 20 steps. Lion's sign
 # update needs ~5-10x less than AdamW; SGD's scale is the gradient's own, so it needs far more.
-LR = {"adamw": 1e-2, "lion": 2e-3, "adafactor": 1e-2, "sgd": 0.1}
+# Muon (RMS 0.2 updates) needs more than AdamW, whose first steps have RMS ~1.
+LR = {"adamw": 1e-2, "lion": 2e-3, "adafactor": 1e-2, "sgd": 0.1, "muon": 5e-2}
 MIN_DROP = 1.0
 MIN_PROJECTED_GAIN = 0.2
 

@@ -10,8 +10,16 @@ import torch
 import osd
 from tests.helpers import gradient_stream
 
-RULES = ["adamw", "lion", "adafactor", "sgd"]
-PROJECTORS = ["online_pca", "svd", "random", "identity"]
+RULES = ["adamw", "lion", "adafactor", "sgd", "muon"]
+PROJECTORS = ["online_pca", "svd", "random", "identity", "sketch_pca"]
+# Options of every projector (osd.transport, osd.compensation), one at a time.
+OPTIONS = {
+    "transport_first": {"moment_transport": "first"},
+    "transport_nonnegative": {"moment_transport": "nonnegative"},
+    "transport_reset": {"moment_transport": "reset"},
+    "fira": {"compensation": "fira"},
+    "apollo_tensor": {"compensation": "apollo", "compensation_granularity": "tensor"},
+}
 
 
 def make_params(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -22,7 +30,8 @@ def make_params(seed: int = 0) -> list[torch.nn.Parameter]:
 
 def make_optimizer(params, rule: str, projector: str, **kwargs) -> osd.SubspaceOptimizer:
     matrices, vector = params[:3], params[3:]
-    groups = [{"params": matrices, "rank": 6, "update_proj_gap": 3}, {"params": vector}]
+    # Muon takes matrices only: the vector goes to AdamW, as osd.create_optimizer does.
+    groups = [{"params": matrices, "rank": 6, "update_proj_gap": 3}, {"params": vector, **({"rule": "adamw"} if rule == "muon" else {})}]
     return osd.SubspaceOptimizer(groups, lr=1e-2, rule=rule, projector=projector, weight_decay=0.01, **kwargs)
 
 
@@ -37,7 +46,7 @@ def streams(params, steps: int):
     return [gradient_stream(tuple(p.shape), steps, seed=100 + i) for i, p in enumerate(params)]
 
 
-@pytest.mark.parametrize("projector", ["online_pca", "svd", "random"])
+@pytest.mark.parametrize("projector", ["online_pca", "svd", "random", "sketch_pca"])
 def test_state_is_low_rank_in_both_orientations(projector: str) -> None:
     params = make_params()
     opt = make_optimizer(params, "adamw", projector)
@@ -53,7 +62,9 @@ def test_state_is_low_rank_in_both_orientations(projector: str) -> None:
     )
     assert bytes_["moments"] == expected_moments
     assert bytes_["projection"] == (2 * 20 * 6 + 16 * 6) * 4
-    assert bytes_["proj_optimizer"] == (2 * bytes_["projection"] if projector == "online_pca" else 0)
+    sketches = (2 * 20 * 12 + 16 * 12) * 4  # m x 2r per weight
+    expected_proj_optimizer = {"online_pca": 2 * bytes_["projection"], "sketch_pca": 2 * bytes_["projection"] + sketches}
+    assert bytes_["proj_optimizer"] == expected_proj_optimizer.get(projector, 0)
     assert bytes_["total"] == bytes_["moments"] + bytes_["projection"] + bytes_["proj_optimizer"]
 
 
@@ -72,6 +83,15 @@ def save_and_load(obj) -> object:
     return torch.load(buffer, weights_only=True)
 
 
+def test_state_bytes_counts_the_compensation_limiter() -> None:
+    params = make_params()
+    plain, compensated = make_optimizer(params, "adamw", "svd"), make_optimizer(make_params(), "adamw", "svd", compensation="fira")
+    run(plain, params, streams(params, 2), range(2))
+    params = [p for group in compensated.param_groups for p in group["params"]]
+    run(compensated, params, streams(params, 2), range(2))
+    assert osd.state_bytes(compensated)["moments"] == osd.state_bytes(plain)["moments"] + 3 * 4  # one float32 per projected weight
+
+
 @pytest.mark.parametrize("optim_bits", [32, 8])
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("projector", PROJECTORS)
@@ -82,8 +102,22 @@ def test_resume_continues_bit_for_bit(rule: str, projector: str, optim_bits: int
     scheduler runs alongside and is resumed too. With ``optim_bits=8`` every state tensor
     is stored in 8 bits (``min_8bit_size=0``).
     """
+    check_resume(rule, projector, optim_bits, {})
+
+
+@pytest.mark.parametrize("optim_bits", [32, 8])
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("projector", ["online_pca", "svd", "random", "sketch_pca"])
+def test_resume_continues_bit_for_bit_with_every_option(option: str, projector: str, optim_bits: int) -> None:
+    if option == "transport_reset" and projector in ("online_pca", "sketch_pca"):
+        pytest.skip("reset is refused with projectors that move P every step (tested in test_subspace_options)")
+    check_resume("adamw", projector, optim_bits, OPTIONS[option])
+
+
+def check_resume(rule: str, projector: str, optim_bits: int, options: dict) -> None:
     steps, half = 10, 5
     kwargs = {"total_steps": steps, "svd_until": 0.2} if projector == "random" else {}
+    kwargs.update(options)
     if optim_bits == 8:
         kwargs.update(optim_bits=8, min_8bit_size=0)
     if rule == "adafactor":

@@ -39,12 +39,14 @@ import torch
 from tqdm import tqdm
 
 from osd.bench.results import markdown_table, plot_curves, usage_error, write_results
+from osd.config import parse_key_values
 from osd.optimizer import SubspaceOptimizer
+from osd.projectors import get_projector
 from osd.schedule import warmup_cosine
 
 __all__ = ["PROJECTORS", "NoisyQuadratic", "build_parser", "run", "run_projector"]
 
-PROJECTORS = {"full_rank": "identity", "galore": "svd", "golore": "random", "osd": "online_pca"}
+PROJECTORS = {"full_rank": "identity", "galore": "svd", "golore": "random", "osd": "online_pca", "osd_sketch": "sketch_pca"}
 DEFAULT_LR = {"sgd": 0.05, "adamw": 0.01}
 # OSD's lr_P = alpha * lr: 0.01 for both rules (alpha 5 at SGD's lr would move P by Adam steps of 0.25).
 DEFAULT_ALPHA = {"sgd": 0.2, "adamw": 1.0}
@@ -83,15 +85,17 @@ class NoisyQuadratic:
         return float((X[: self.top].double() - self.X_top_star).norm() / self.X_top_star.norm())
 
 
-def run_projector(problem: NoisyQuadratic, projector: str, rule: str, lr: float, rank: int, steps: int, gap: int, alpha: float, seed: int, log_every: int) -> dict[str, Any]:
-    """Train ``X`` from 0 with ``SubspaceOptimizer(rule=rule, projector=projector)``; return
-    the relative loss gap every ``log_every`` steps and the final gap and distance."""
+def run_projector(
+    problem: NoisyQuadratic, projector: str, rule: str, lr: float, rank: int, steps: int, gap: int, alpha: float, seed: int, log_every: int, **options: Any
+) -> dict[str, Any]:
+    """Train ``X`` from 0 with ``SubspaceOptimizer(rule=rule, projector=projector, **options)``;
+    return the relative loss gap every ``log_every`` steps and the final gap and distance."""
     m = problem.top + problem.noise_rank
     X = torch.nn.Parameter(torch.zeros(m, problem.n))
-    group: dict[str, Any] = {"params": [X]}
+    group: dict[str, Any] = {"params": [X], **options}
     if projector != "identity":
         group.update(rank=rank, update_proj_gap=gap, seed=seed, scale=1.0)  # the GoLore analysis: no scale
-    if projector == "online_pca":
+    if "alpha" in get_projector(projector).defaults:
         group["alpha"] = alpha
     optimizer = SubspaceOptimizer([group], lr, rule=rule, projector=projector)
     scheduler = warmup_cosine(optimizer, 0, steps, 0.0)
@@ -116,7 +120,8 @@ def run_counterexample(args: argparse.Namespace) -> dict[str, Any]:
         runs = []
         for seed in args.seeds:
             problem = NoisyQuadratic(args.m, args.n, args.rank, args.sigma, seed)
-            runs.append(run_projector(problem, PROJECTORS[name], rule, args.lr[rule], args.rank, args.steps, args.gap, args.alpha[rule], seed, args.log_every))
+            options = args.options if PROJECTORS[name] != "identity" else {}
+            runs.append(run_projector(problem, PROJECTORS[name], rule, args.lr[rule], args.rank, args.steps, args.gap, args.alpha[rule], seed, args.log_every, **options))
         gaps = [r["final_loss_gap"] for r in runs]
         halfway = [r["loss_gap"][len(r["loss_gap"]) // 2] for r in runs]
         results[f"{rule}/{name}"] = {
@@ -151,7 +156,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     header = ["rule", "projection", "lr", "gap half-way (mean)", "final gap (mean)", "final gap (worst seed)", "distance to optimum (mean)", "verdict"]
     return (
         f"X: {args.m} x {args.n}, noise in the last r = {args.rank} rows with sigma = {args.sigma}, rank r = {args.rank}, "
-        f"{args.steps} steps, cosine lr to 0, refresh every {args.gap} steps, OSD alpha {args.alpha}, seeds {args.seeds}. "
+        f"{args.steps} steps, cosine lr to 0, refresh every {args.gap} steps, OSD alpha {args.alpha}, seeds {args.seeds}"
+        f"{f', options {args.options}' if args.options else ''}. "
         "Loss gap = (f - f*) / (f(X0) - f*) (1 = no progress); distance = ||X_top - X_top*|| / ||X_top*||; "
         f"verdict on the worst seed: converged (final gap < {CONVERGED:g}), descending (final < 1 and < {DESCENDING:g} x half-way), else stalled.\n\n"
         f"{markdown_table(header, rows, numeric_from=2)}\n"
@@ -179,6 +185,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--projectors", nargs="+", default=list(PROJECTORS), choices=list(PROJECTORS), help="default: all four")
     parser.add_argument("--lr", nargs="+", type=_per_rule, default=[], metavar="RULE=LR", help=f"learning rates (default: {DEFAULT_LR})")
     parser.add_argument("--alpha", nargs="+", type=_per_rule, default=[], metavar="RULE=ALPHA", help=f"OSD's lr_P / lr per rule (default: {DEFAULT_ALPHA})")
+    parser.add_argument(
+        "--options", type=str, default="", metavar="KEY=VALUE,...",
+        help="more optimizer keys for every projected run, e.g. moment_transport=nonnegative or sketch_beta=0.999,sketch_size=32",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of B and of the noise (default 0 1 2)")
     parser.add_argument("--log-every", type=int, default=10, help="record the loss every N steps (default 10)")
     parser.add_argument("--out", default="runs/bench/counterexample", help="output folder (default: runs/bench/counterexample)")
@@ -193,6 +203,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return usage_error("counterexample", f"--lr/--alpha name unknown rules {sorted(unknown)}; known: {list(DEFAULT_LR)}")
     args.lr = {**DEFAULT_LR, **dict(args.lr)}
     args.alpha = {**DEFAULT_ALPHA, **dict(args.alpha)}
+    try:
+        args.options = parse_key_values(args.options)
+        for name in args.projectors:
+            if PROJECTORS[name] != "identity":
+                SubspaceOptimizer([torch.zeros(2, 2)], projector=PROJECTORS[name], **args.options)
+    except (ValueError, TypeError) as error:
+        return usage_error("counterexample", f"--options: {error}")
     if not 0 < args.rank < args.m < args.n:
         return usage_error("counterexample", f"need 0 < --rank < --m < --n, got {args.rank}, {args.m}, {args.n}")
     if min(args.steps, args.gap, args.log_every) < 1:
