@@ -47,6 +47,13 @@ def run_steps(model: nn.Module, name: str, steps: int, **kwargs) -> None:
         ("osd_adamw", {"optim_bits": 8, "min_8bit_size": 256}),
         ("osd_adamw", {"svd_method": "randomized"}),
         ("galore_adamw", {"svd_method": "eigh", "update_proj_gap": 100}),
+        # The options beyond the papers.
+        ("osd_adamw", {"compensation": "fira"}),
+        ("galore_adamw", {"compensation": "apollo", "update_proj_gap": 100}),
+        ("golore_adamw", {"moment_transport": "first", "update_proj_gap": 3}),
+        ("osd_muon", {}),
+        ("galore_muon", {"update_proj_gap": 100}),
+        ("osd_sketch_adamw", {}),
     ],
 )
 def test_steps_on_cuda_match_the_cpu(name: str, kwargs: dict) -> None:

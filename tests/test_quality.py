@@ -121,6 +121,10 @@ def test_quick_protocol_learns_more_than_unigrams_and_osd_eval_reproduces_it(tmp
     # Relaunching trains nothing: every run is read back.
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/seed*/result.json")}
     assert osd_main(["bench", "quality", *argv]) == 0
+    # The method list is not a shared setting (a benchmark can take more methods later); the rest is.
+    assert osd_main(["bench", "quality", "--quick", "--methods", "adamw", *argv[4:]]) == 0
+    assert osd_main(["bench", "quality", *argv, "--seeds", "0"]) == 2
+    assert "holds a benchmark with other settings" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/seed*/result.json")} == stamps
 
     # osd eval: on the run's own validation set it reproduces the run's final loss; it also scores unseen text.

@@ -12,7 +12,10 @@ The protocol (defaults; ``--quick`` scales it down for the test suite):
 3. Methods, one rank for all (``--rank-fraction`` of the hidden size): full-rank AdamW
    (``torch.optim.AdamW``), GaLore, GoLore@20% (SVD for the first 80% of steps, random
    after, the GoLore paper's recipe), OSD at the paper's defaults (alpha 5, lambda 0.1, Adam
-   on P) and OSD with alpha tuned.
+   on P) and OSD with alpha tuned; then each option beyond the papers on OSD and on GaLore
+   (Fira and APOLLO compensation, first-moment transport, Muon in the subspace) and the
+   sketched online-PCA projector, every one tuned the same way. ``--methods`` picks some;
+   methods can be added to an existing benchmark folder later (finished runs are kept).
 4. Tuning, on seed 0 and the validation split: every method's lr over its grid (values
    about 3x apart); where the best lr is at an edge of the grid, the grid grows by one
    value on that side (``--extend`` times at most). OSD's alpha is then tuned the same way
@@ -63,7 +66,18 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "osd": ("osd_adamw", {}),
     "osd_alpha": ("osd_adamw", {}),
     "golore": ("golore_adamw", {"optimizer_args": "svd_until=0.8"}),
+    # The options beyond the papers (README: "Beyond the papers"), each on OSD and on GaLore.
+    "osd_fira": ("osd_adamw", {"optimizer_args": "compensation=fira"}),
+    "galore_fira": ("galore_adamw", {"optimizer_args": "compensation=fira"}),
+    "osd_apollo": ("osd_adamw", {"optimizer_args": "compensation=apollo"}),
+    "galore_apollo": ("galore_adamw", {"optimizer_args": "compensation=apollo"}),
+    "osd_transport": ("osd_adamw", {"optimizer_args": "moment_transport=first"}),
+    "galore_transport": ("galore_adamw", {"optimizer_args": "moment_transport=first"}),
+    "osd_muon": ("osd_muon", {}),
+    "galore_muon": ("galore_muon", {}),
+    "osd_sketch": ("osd_sketch_adamw", {}),
 }
+PAPER_METHODS = ("adamw", "galore", "osd", "osd_alpha", "golore")
 PAPER_ALPHA = 5.0
 UNFINISHED = 3  # exit status when --max-minutes stopped the benchmark before the table
 
@@ -125,7 +139,9 @@ def prepare(protocol: Protocol, out: Path) -> Protocol:
     saved = out / "protocol.json"
     if saved.is_file():
         previous = json.loads(saved.read_text())
-        if {k: v for k, v in previous.items() if k != "derived"} != json.loads(json.dumps({k: v for k, v in asdict(protocol).items() if k != "derived"})):
+        # The method list is not a shared setting: methods can be added to a benchmark.
+        shared = lambda settings: {k: v for k, v in settings.items() if k not in ("derived", "methods")}  # noqa: E731
+        if shared(previous) != json.loads(json.dumps(shared(asdict(protocol)))):
             raise ConfigError(f"{out} holds a benchmark with other settings ({saved}); use another --out")
         protocol.derived = previous["derived"]
         return protocol
