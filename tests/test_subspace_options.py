@@ -59,7 +59,7 @@ def test_muon_trains_a_least_squares_problem(rank: int | None) -> None:
     A = torch.randn(64, 16, generator=gen)
     target = A @ torch.randn(16, 24, generator=gen) + 0.1 * torch.randn(64, 24, generator=gen)
     W = torch.nn.Parameter(torch.zeros(16, 24))
-    opt = osd.SubspaceOptimizer([{"params": [W], "rank": rank}], lr=0.2, rule="muon", projector="svd", update_proj_gap=10)
+    opt = osd.SubspaceOptimizer([{"params": [W], "rank": rank}], lr=0.2, rule="muon", projector="svd", update_proj_gap=10, scale=1.0)
     losses = []
     for _ in range(100):
         loss = (A @ W - target).square().mean()
@@ -100,10 +100,11 @@ def in_span_stream(m: int, n: int, r: int, steps: int, seed: int) -> list[torch.
 def test_transported_momentum_makes_galore_equal_full_rank_sgd_in_a_fixed_span(transport: str | None) -> None:
     """Every gradient lies in a fixed rank-4 span, so each SVD refresh returns a rotation of the
     same basis. With the momentum transported, rank-4 GaLore-SGD is then exactly full-rank SGD;
-    without it the momentum is read in the wrong basis after each refresh."""
+    without it the momentum is read in the wrong basis after each refresh. (scale 1: the
+    comparison is with SGD's full step.)"""
     grads = in_span_stream(12, 30, 4, 9, seed=3)
     W_sub, W_full = torch.nn.Parameter(torch.zeros(12, 30)), torch.nn.Parameter(torch.zeros(12, 30))
-    sub = osd.SubspaceOptimizer([{"params": [W_sub], "rank": 4}], lr=0.1, rule="sgd", projector="svd", update_proj_gap=2, moment_transport=transport)
+    sub = osd.SubspaceOptimizer([{"params": [W_sub], "rank": 4}], lr=0.1, rule="sgd", projector="svd", update_proj_gap=2, moment_transport=transport, scale=1.0)
     full = torch.optim.SGD([W_full], lr=0.1, momentum=0.9)
     for g in grads:
         W_sub.grad, W_full.grad = g.clone(), g.clone()
@@ -118,7 +119,7 @@ def test_transported_momentum_makes_galore_equal_full_rank_sgd_in_a_fixed_span(t
 
 def test_reset_restarts_the_inner_rule_at_each_refresh() -> None:
     W = torch.nn.Parameter(torch.zeros(10, 20))
-    opt = osd.SubspaceOptimizer([{"params": [W], "rank": 3}], lr=0.1, rule="adamw", projector="random", update_proj_gap=4, moment_transport="reset", eps=0.0)
+    opt = osd.SubspaceOptimizer([{"params": [W], "rank": 3}], lr=0.1, rule="adamw", projector="random", update_proj_gap=4, moment_transport="reset", eps=0.0, scale=1.0)
     grads = gradient_stream((10, 20), 5, seed=1)
     for g in grads[:4]:
         W.grad = g
@@ -170,7 +171,7 @@ def test_compensation_of_plain_sgd_is_full_rank_sgd(projector: str, mode: str | 
     grads = gradient_stream((12, 30), 6, seed=2)
     W_sub, W_full = torch.nn.Parameter(torch.zeros(12, 30)), torch.nn.Parameter(torch.zeros(12, 30))
     sub = osd.SubspaceOptimizer(
-        [{"params": [W_sub], "rank": 3}], lr=0.1, rule="sgd", momentum=0.0, projector=projector, compensation=mode, compensation_limit=None
+        [{"params": [W_sub], "rank": 3}], lr=0.1, rule="sgd", momentum=0.0, projector=projector, compensation=mode, compensation_limit=None, scale=1.0
     )
     full = torch.optim.SGD([W_full], lr=0.1)
     for g in grads:
