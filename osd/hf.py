@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from osd.optimizer import SubspaceOptimizer
-from osd.param_groups import Targets, describe, param_groups
+from osd.param_groups import Targets, describe, optimizer_groups
 from osd.presets import METHODS, optimizer_names
 
 __all__ = ["TrainerOptimizer", "create_trainer_optimizer", "optimizer_cls_and_kwargs", "parse_optim_args"]
@@ -84,7 +84,9 @@ def create_trainer_optimizer(
       :mod:`osd.param_groups`), at ``rank`` (default: a quarter of each weight's smaller side);
       everything else trains full-rank;
     - ``lr = args.learning_rate``; ``args.weight_decay`` (decoupled) on matrices only,
-      none on vectors (biases, norm gains), as the Trainer does;
+      none on vectors (biases, norm gains), as the Trainer does; the groups follow
+      :func:`osd.param_groups.optimizer_groups` as ``osd.create_optimizer``'s do (float32
+      embedding states under ``optim_bits=8``, Muon's vectors and embeddings on AdamW);
     - AdamW rules take ``betas = (args.adam_beta1, args.adam_beta2)`` and ``eps = args.adam_epsilon``;
     - ``args.optim_args`` (``"rank=128, scale=0.25"``), then ``kwargs``: any other
       hyperparameter (``scale``, ``update_proj_gap``, ``alpha`` ...), overriding the above.
@@ -94,16 +96,10 @@ def create_trainer_optimizer(
     kwargs = {**parse_optim_args(getattr(args, "optim_args", None)), **kwargs}
     rank = kwargs.pop("rank", rank)
     targets = target_modules or getattr(args, "optim_target_modules", None) or "blocks"
-    groups = param_groups(model, rank=rank, target_modules=targets)
-    full_rank = groups.pop()["params"] if "rank" not in groups[-1] else []
-    groups += [
-        {"params": [(n, p) for n, p in full_rank if p.dim() >= 2]},
-        {"params": [(n, p) for n, p in full_rank if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    groups = optimizer_groups(model, rule, rank, targets, optim_bits=kwargs.get("optim_bits", 32), decay_vectors=False)
     hparams: dict[str, Any] = {"weight_decay": args.weight_decay, "seed": args.seed}
     if rule == "adamw":
         hparams.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    groups = [group for group in groups if group["params"]]
     optimizer = SubspaceOptimizer(groups, args.learning_rate, rule=rule, projector=METHODS[method], **{**hparams, **kwargs})
     logger.info("%s: %s", name, describe(optimizer.param_groups))
     return optimizer

@@ -93,23 +93,6 @@ def peak_memory_bytes(device: torch.device) -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _subspace_kwargs(config: TrainConfig) -> dict[str, Any]:
-    method = config.optimizer.rpartition("_")[0]
-    kwargs: dict[str, Any] = {"weight_decay": config.weight_decay}
-    if config.optim_bits != 32:
-        kwargs["optim_bits"] = config.optim_bits
-    if config.layerwise and config.grad_clip > 0:
-        kwargs["max_grad_norm"] = config.grad_clip
-    if method:
-        kwargs.update(rank=config.rank, update_proj_gap=config.update_proj_gap, scale=config.scale, seed=config.seed)
-    if method in ("osd", "osd_sketch"):
-        kwargs.update(alpha=config.alpha, ortho_reg=config.ortho_reg, proj_optimizer=config.proj_optimizer, proj_lr_rule=config.proj_lr_rule)
-    extra = config.extra_optimizer_kwargs()
-    if method == "golore" and extra.get("svd_until"):
-        kwargs["total_steps"] = config.total_steps  # GoLore's switch is a fraction of the run
-    return {**kwargs, **extra}
-
-
 def build_training_model(config: TrainConfig, vocab_size: int, device: torch.device) -> torch.nn.Module:
     """The LLaMA of ``config`` on ``device``, with activation checkpointing if asked for."""
     model = build_model(llama_config(config.model, vocab_size, config.seq_len, config.model_config)).to(device)
@@ -123,7 +106,7 @@ def build_training_model(config: TrainConfig, vocab_size: int, device: torch.dev
 
 def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, LayerwiseUpdates | None]:
     """The optimizer of ``config`` and, with ``--layerwise``, the hooks that step it in backward."""
-    optimizer = create_optimizer(model, config.optimizer, lr=config.peak_lr, torch_adamw=not config.layerwise, **_subspace_kwargs(config))
+    optimizer = create_optimizer(model, config.optimizer, **config.optimizer_kwargs())
     return optimizer, LayerwiseUpdates(optimizer) if config.layerwise else None
 
 
