@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from osd.models import PRESETS
-from osd.optimizer import DEFAULT_LR, optimizer_keys
+from osd.optimizer import DEFAULT_LR, SUBSPACE_DEFAULTS, optimizer_keys
 from osd.presets import METHODS, optimizer_names
+from osd.projectors import get_projector
 
 __all__ = ["ConfigError", "TrainConfig", "build_parser", "config_from_args", "parse_key_values"]
 
@@ -30,6 +31,8 @@ FREE_ON_RESUME = frozenset(
 )
 # Settings that change the run but may continue from a checkpoint, when --allow-change names them.
 MAY_CHANGE = ("steps", "tokens")
+# The optimizer's own defaults, so that a flag's default is the optimizer's (one place each).
+_OSD_DEFAULTS = get_projector("online_pca").defaults
 
 
 def _help(text: str, optimizer: str | None = None, **kwargs: Any) -> Any:
@@ -55,12 +58,12 @@ class TrainConfig:
     lr: float | None = _help(
         "peak learning rate (default: by inner rule, " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + "; README: Defaults)", default=None)
     rank: int | None = _help("rank of the projected weights (default: a quarter of each weight's smaller side, the papers' ratio: 60m -> 128)", default=None, optimizer="subspace")
-    update_proj_gap: int = _help("steps between SVD / random refreshes (T)", default=200, optimizer="subspace")
-    scale: float = _help("factor on the projected-back update (GaLore / OSD papers)", default=0.25, optimizer="subspace")
-    alpha: float = _help("OSD: lr of P as a multiple of lr", default=5.0, optimizer="subspace")
-    ortho_reg: float = _help("OSD: lambda of the orthonormality term", default=0.1, optimizer="subspace")
-    proj_optimizer: str = _help("OSD: optimizer of P (adam, adamw, lion, sgd, adafactor)", default="adam", optimizer="subspace")
-    proj_lr_rule: str = _help("OSD: 'alpha' (paper) or 'released' (lr / (max_lr * T))", default="alpha", optimizer="subspace")
+    update_proj_gap: int = _help("steps between SVD / random refreshes (T)", default=SUBSPACE_DEFAULTS["update_proj_gap"], optimizer="subspace")
+    scale: float = _help("factor on the projected-back update (GaLore / OSD papers)", default=SUBSPACE_DEFAULTS["scale"], optimizer="subspace")
+    alpha: float = _help("OSD: lr of P as a multiple of lr", default=_OSD_DEFAULTS["alpha"], optimizer="subspace")
+    ortho_reg: float = _help("OSD: lambda of the orthonormality term", default=_OSD_DEFAULTS["ortho_reg"], optimizer="subspace")
+    proj_optimizer: str = _help("OSD: optimizer of P (adam, adamw, lion, sgd, adafactor)", default=_OSD_DEFAULTS["proj_optimizer"], optimizer="subspace")
+    proj_lr_rule: str = _help("OSD: 'alpha' (paper) or 'released' (lr / (max_lr * T))", default=_OSD_DEFAULTS["proj_lr_rule"], optimizer="subspace")
     weight_decay: float = _help("decoupled weight decay", default=0.0, optimizer="any")
     grad_clip: float = _help("clip the global gradient norm to this (0: off); per parameter with --layerwise", default=1.0)
     optim_bits: int = _help("32, or 8 for block-wise 8-bit optimizer states (moments and P's optimizer)", default=32, optimizer="any")
@@ -216,6 +219,12 @@ class TrainConfig:
     def peak_lr(self) -> float:
         """The peak learning rate: as set, or the inner rule's default (:data:`osd.optimizer.DEFAULT_LR`)."""
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer.rpartition("_")[2]]
+
+    @property
+    def global_grad_clip(self) -> float:
+        """The training loop's clip of the global gradient norm: ``grad_clip``, or 0 (off) with
+        ``--layerwise``, which clips per parameter (``max_grad_norm``, :meth:`optimizer_kwargs`)."""
+        return 0.0 if self.layerwise else self.grad_clip
 
     @property
     def total_batch(self) -> int:
