@@ -6,9 +6,11 @@ each other; they meet in :func:`train`. One optimizer step:
     for each of `accumulation` micro-batches: loss_sum / tokens_in_step -> backward
     clip the global gradient norm; optimizer.step(); scheduler.step()
 
-so the loss is averaged per token over the whole step, whatever the accumulation. With
-``--layerwise`` the weights step inside the last backward instead (``osd.layerwise``), and
-``--grad-clip`` clips per parameter.
+so the loss is averaged per token over the whole step, whatever the accumulation. The
+optimizer carries what changes a step (:func:`build_optimizer`): with ``--layerwise`` the
+weights step inside the last backward (``osd.layerwise``; ``optimizer.step()`` then finds
+nothing left, and ``--grad-clip`` clips per parameter); under torchrun its SVD refreshes are
+spread over the ranks (``osd.spread``). Saving and resuming: :class:`osd.checkpoint.RunCheckpoint`.
 Validation perplexity is ``exp(total token loss / number of tokens)`` over a fixed set.
 
     python -m osd.train --model micro --optimizer osd_adamw --rank 32 --steps 200
