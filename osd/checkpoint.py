@@ -1,5 +1,11 @@
 """Checkpoints of ``osd train``: atomic saves, and loads that name every problem in one line.
 
+:class:`RunCheckpoint` owns what a run saves and restores (in the manner of torchtitan's
+``CheckpointManager``): the model, the optimizer (``P`` and its state included), the LR
+scheduler, the data position, the RNG states and the counters (step, tokens), with the run's
+settings beside them. Whether a checkpoint may resume a run (same settings, steps left) is
+the run's policy, :func:`osd.runs.check_resume`.
+
 A kill at any moment leaves the previous checkpoint loadable; a failed save (a full disk)
 keeps it too and removes its partial file. A file that is not a complete checkpoint of this
 kind (empty, truncated, text, random bytes, a pickle of Python objects, a bare model state
@@ -13,11 +19,14 @@ import pickle
 import random
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-__all__ = ["CheckpointError", "KEYS", "atomic_save", "load", "rng_state", "set_rng_state"]
+from osd import distributed
+from osd.data import DataError
+
+__all__ = ["CheckpointError", "KEYS", "RunCheckpoint", "atomic_save", "load", "rng_state", "set_rng_state"]
 
 KEYS = ("model", "optimizer", "scheduler", "data", "rng", "step", "tokens", "config")  # what osd train writes
 
@@ -112,3 +121,76 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RunCheckpoint:
+    """The checkpoint of one run at ``path``: what it saves and how it restores it.
+
+    ``model`` may be wrapped (DDP, FSDP2): the file holds whole, unsharded tensors keyed as
+    in the bare model, so it resumes under any world size. ``data`` is the batch iterator
+    (``state_dict`` / ``load_state_dict``, e.g. :class:`osd.data.PackedBatches`); ``config``
+    the run's settings, saved with it. :attr:`saved_step` is the step of the last checkpoint
+    written or restored (None: none yet).
+    """
+
+    def __init__(
+        self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data: Any,
+        config: dict[str, Any], parallel: distributed.Parallel,
+    ) -> None:
+        self.path, self.model, self.optimizer, self.scheduler, self.data = path, model, optimizer, scheduler, data
+        self.config, self.parallel = config, parallel
+        self.saved_step: int | None = None
+
+    def save_run(self, step: int, tokens: int) -> None:
+        """Save the run after ``step`` (``tokens`` read so far), atomically (:func:`atomic_save`).
+        Collective: every rank calls it (sharded tensors are gathered), rank 0 writes. Raises
+        :class:`CheckpointError` if the write fails (the previous file kept)."""
+        state = {"model": distributed.model_state_dict(self.model), "optimizer": distributed.optimizer_state_dict(self.optimizer)}
+        if self.parallel.is_main:
+            parts = {"scheduler": self.scheduler.state_dict(), "data": self.data.state_dict(), "rng": rng_state()}
+            atomic_save({**state, **parts, "step": step, "tokens": tokens, "config": self.config}, self.path)
+        self.saved_step = step
+
+    def restore_run(self, check: Callable[[dict[str, Any]], None] = lambda saved: None) -> tuple[int, int]:
+        """Load the checkpoint into the run and return its ``(step, tokens)``.
+
+        ``check(saved)`` runs after the file is read and before anything is loaded (the run's
+        policy: same settings, steps left; it raises to refuse). Raises :class:`CheckpointError`
+        (one line) for a file that is not a checkpoint, a model of other keys or shapes, and a
+        part that does not fit this run's (the part named).
+        """
+        saved = load(self.path, KEYS)
+        check(saved)
+        _check_model_state(self.path, distributed.unwrap(self.model).state_dict(), saved["model"])
+        for part, restore in [
+            ("model", lambda: distributed.load_model_state_dict(self.model, saved["model"])),
+            ("optimizer", lambda: distributed.load_optimizer_state_dict(self.optimizer, saved["optimizer"])),
+            ("lr scheduler", lambda: self.scheduler.load_state_dict(saved["scheduler"])),
+            ("data position", lambda: self.data.load_state_dict(saved["data"])),
+            ("RNG states", lambda: set_rng_state(saved["rng"])),
+        ]:
+            try:
+                restore()
+            except DataError:  # the data source's own one-line message
+                raise
+            except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as error:
+                reason = " ".join(str(error).split()) or type(error).__name__
+                raise CheckpointError(f"checkpoint {self.path} does not fit this run's {part}: {reason}") from None
+        self.saved_step = saved["step"]
+        return saved["step"], saved["tokens"]
+
+
+def _check_model_state(path: Path, expected: dict[str, torch.Tensor], saved: Any) -> None:
+    """Refuse a saved model state with other keys or shapes than the model's, naming the first."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {path}: 'model' is a {type(saved).__name__}, not a state dict")
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} holds another model: {len(missing)} of this model's tensors missing "
+            f"({', '.join(missing[:2])}), {len(unexpected)} unknown ({', '.join(unexpected[:2])})"
+        )
+    for name, tensor in expected.items():
+        if not isinstance(saved[name], torch.Tensor) or saved[name].shape != tensor.shape:
+            shape = tuple(saved[name].shape) if isinstance(saved[name], torch.Tensor) else type(saved[name]).__name__
+            raise CheckpointError(f"checkpoint {path} holds another model: {name} is {shape} there, {tuple(tensor.shape)} here")

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("--smoothing", type=float, default=None, help="EMA weight of the training loss, 0 to 0.99 (default: 1 - 50 / steps)")
     export.build_parser(commands.add_parser("export", help="write a run's model and tokenizer in Hugging Face format (from_pretrained)"))
     generate.build_parser(commands.add_parser("generate", help="sample a continuation of a prompt from a run or an exported model"))
-    bench = commands.add_parser("bench", help="benchmarks: projection, step, convergence, counterexample (JSON + Markdown)")
+    bench = commands.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS) + " (JSON + Markdown)")
     benchmarks = bench.add_subparsers(dest="benchmark", required=True)
     modules = {name: importlib.import_module(f"osd.bench.{name}") for name in BENCHMARKS}
     for name, module in modules.items():

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from osd.models import PRESETS
-from osd.optimizer import DEFAULT_LR, optimizer_keys
+from osd.optimizer import DEFAULT_LR, SUBSPACE_DEFAULTS, optimizer_keys
 from osd.presets import METHODS, optimizer_names
+from osd.projectors import get_projector
 
 __all__ = ["ConfigError", "TrainConfig", "build_parser", "config_from_args", "parse_key_values"]
 
@@ -30,10 +31,15 @@ FREE_ON_RESUME = frozenset(
 )
 # Settings that change the run but may continue from a checkpoint, when --allow-change names them.
 MAY_CHANGE = ("steps", "tokens")
+# The optimizer's own defaults, so that a flag's default is the optimizer's (one place each).
+_OSD_DEFAULTS = get_projector("online_pca").defaults
 
 
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
+def _help(text: str, optimizer: str | None = None, **kwargs: Any) -> Any:
+    """A field with its ``--help`` text; ``optimizer`` marks an optimizer key of the same name
+    (see :meth:`TrainConfig.optimizer_kwargs`): ``"any"`` for every optimizer, ``"subspace"``
+    for a subspace optimizer whose rule, projector or optimizer takes it."""
+    return field(metadata={"help": text, "optimizer": optimizer}, **kwargs)
 
 
 @dataclass
@@ -51,16 +57,16 @@ class TrainConfig:
     optimizer: str = _help("adamw, osd_adamw, galore_adamw, golore_adamw, osd_lion, ... (osd.optimizer_names())", default="osd_adamw")
     lr: float | None = _help(
         "peak learning rate (default: by inner rule, " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + "; README: Defaults)", default=None)
-    rank: int | None = _help("rank of the projected weights (default: a quarter of each weight's smaller side, the papers' ratio: 60m -> 128)", default=None)
-    update_proj_gap: int = _help("steps between SVD / random refreshes (T)", default=200)
-    scale: float = _help("factor on the projected-back update (GaLore / OSD papers)", default=0.25)
-    alpha: float = _help("OSD: lr of P as a multiple of lr", default=5.0)
-    ortho_reg: float = _help("OSD: lambda of the orthonormality term", default=0.1)
-    proj_optimizer: str = _help("OSD: optimizer of P (adam, adamw, lion, sgd, adafactor)", default="adam")
-    proj_lr_rule: str = _help("OSD: 'alpha' (paper) or 'released' (lr / (max_lr * T))", default="alpha")
-    weight_decay: float = _help("decoupled weight decay", default=0.0)
+    rank: int | None = _help("rank of the projected weights (default: a quarter of each weight's smaller side, the papers' ratio: 60m -> 128)", default=None, optimizer="subspace")
+    update_proj_gap: int = _help("steps between SVD / random refreshes (T)", default=SUBSPACE_DEFAULTS["update_proj_gap"], optimizer="subspace")
+    scale: float = _help("factor on the projected-back update (GaLore / OSD papers)", default=SUBSPACE_DEFAULTS["scale"], optimizer="subspace")
+    alpha: float = _help("OSD: lr of P as a multiple of lr", default=_OSD_DEFAULTS["alpha"], optimizer="subspace")
+    ortho_reg: float = _help("OSD: lambda of the orthonormality term", default=_OSD_DEFAULTS["ortho_reg"], optimizer="subspace")
+    proj_optimizer: str = _help("OSD: optimizer of P (adam, adamw, lion, sgd, adafactor)", default=_OSD_DEFAULTS["proj_optimizer"], optimizer="subspace")
+    proj_lr_rule: str = _help("OSD: 'alpha' (paper) or 'released' (lr / (max_lr * T))", default=_OSD_DEFAULTS["proj_lr_rule"], optimizer="subspace")
+    weight_decay: float = _help("decoupled weight decay", default=0.0, optimizer="any")
     grad_clip: float = _help("clip the global gradient norm to this (0: off); per parameter with --layerwise", default=1.0)
-    optim_bits: int = _help("32, or 8 for block-wise 8-bit optimizer states (moments and P's optimizer)", default=32)
+    optim_bits: int = _help("32, or 8 for block-wise 8-bit optimizer states (moments and P's optimizer)", default=32, optimizer="any")
     optimizer_args: str = _help(
         "more optimizer keys, checked against what the rule, projector and optimizer take: "
         "'betas=(0.9,0.95),eps=1e-6,proj_type=left,svd_until=0.8,compat=osd_release,proj_optimizer_args.weight_decay=0.1,"
@@ -88,7 +94,7 @@ class TrainConfig:
     eval_interval: int = _help("evaluate every N steps (and at the end)", default=100)
     eval_batches: int = _help("validation batches (a fixed set)", default=8)
     # run
-    seed: int = _help("seed of the model, the data order and random projections", default=0)
+    seed: int = _help("seed of the model, the data order and random projections", default=0, optimizer="subspace")
     out_dir: str = _help("directory for metrics.jsonl, config.json and checkpoint.pt", default="runs/latest")
     save_interval: int = _help("checkpoint every N steps (0: only at the end and on SIGINT/SIGTERM)", default=100)
     resume: bool = _help("continue from out_dir/checkpoint.pt (refused if it is missing or was trained with other settings)", default=False)
@@ -154,6 +160,28 @@ class TrainConfig:
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         self.extra_optimizer_kwargs()
 
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """This run's keyword arguments of :func:`osd.create_optimizer` (the one map from
+        settings to optimizer): the peak lr; the fields marked as optimizer keys (``"any"``:
+        always; ``"subspace"``: for a subspace optimizer that takes the key, so GaLore gets no
+        ``alpha``); per-parameter clipping ``max_grad_norm`` with ``--layerwise``; GoLore's run
+        length when it switches from SVD to random bases; then ``--optimizer-args``."""
+        method, _, rule = self.optimizer.rpartition("_")
+        taken = optimizer_keys(rule, METHODS.get(method, "identity"))
+        kwargs: dict[str, Any] = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata["optimizer"] == "any" or (method and f.metadata["optimizer"] == "subspace" and f.name in taken)
+        }
+        if self.optim_bits == 32:
+            del kwargs["optim_bits"]  # every optimizer's default; left out, ``adamw`` stays torch's
+        if self.layerwise and self.grad_clip > 0:
+            kwargs["max_grad_norm"] = self.grad_clip
+        extra = self.extra_optimizer_kwargs()
+        if method == "golore" and extra.get("svd_until"):
+            kwargs["total_steps"] = self.total_steps  # GoLore's switch is a fraction of the run
+        return {"lr": self.peak_lr, "torch_adamw": not self.layerwise, **kwargs, **extra}
+
     def extra_optimizer_kwargs(self) -> dict[str, Any]:
         """``--optimizer-args`` as keyword arguments of :func:`osd.create_optimizer`, checked
         against the keys the chosen optimizer takes (:class:`ConfigError` naming the rest)."""
@@ -193,6 +221,12 @@ class TrainConfig:
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer.rpartition("_")[2]]
 
     @property
+    def global_grad_clip(self) -> float:
+        """The training loop's clip of the global gradient norm: ``grad_clip``, or 0 (off) with
+        ``--layerwise``, which clips per parameter (``max_grad_norm``, :meth:`optimizer_kwargs`)."""
+        return 0.0 if self.layerwise else self.grad_clip
+
+    @property
     def total_batch(self) -> int:
         """Sequences per optimizer step."""
         return self.total_batch_size or self.batch_size
@@ -228,7 +262,7 @@ class TrainConfig:
 
 
 # Optimizer keys that have a flag of their own (set them there, not in --optimizer-args).
-_OWN_FLAGS = {"lr", "rank", "update_proj_gap", "scale", "alpha", "ortho_reg", "proj_optimizer", "proj_lr_rule", "weight_decay", "optim_bits", "seed", "max_grad_norm"}
+_OWN_FLAGS = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["optimizer"]} | {"lr", "max_grad_norm"}
 
 
 def _split_top_level(text: str) -> list[str]:

@@ -408,8 +408,9 @@ class PackedBatches(Iterator[dict[str, Tensor]]):
 
     Documents are read and tokenized lazily, ``chunk_docs`` at a time. With ``repeat`` the
     source is read over and over (epochs); without, iteration stops when a pass ends (the
-    incomplete last batch dropped). Rank ``rank`` of ``world_size`` reads only the documents
-    whose index ``i`` has ``i % world_size == rank``, so ranks share none.
+    incomplete last batch dropped). Under data parallelism every rank reads the same batches
+    and trains on its share of them (``osd.distributed.Parallel.share``), so that a run
+    computes what a single process would.
 
     ``state_dict()``/``load_state_dict()`` resume exactly: a fresh iterator given the state
     yields the very batches the original would have yielded next.
@@ -422,20 +423,16 @@ class PackedBatches(Iterator[dict[str, Tensor]]):
         batch_size: int,
         seq_len: int,
         pack: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
         repeat: bool = True,
         chunk_docs: int = 64,
     ):
-        sizes = {"batch_size": batch_size, "seq_len": seq_len, "world_size": world_size, "chunk_docs": chunk_docs}
+        sizes = {"batch_size": batch_size, "seq_len": seq_len, "chunk_docs": chunk_docs}
         for name, value in sizes.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.source, self.tokenizer = source, tokenizer
         self.batch_size, self.seq_len, self.pack = batch_size, seq_len, pack
-        self.rank, self.world_size, self.repeat, self.chunk_docs = rank, world_size, repeat, chunk_docs
+        self.repeat, self.chunk_docs = repeat, chunk_docs
         self._epoch = 0
         self._position = 0  # index in the source of the next document not yet tokenized
         # Tokenized, not yet yielded: packing, a 1-D token stream (lengths unused); else
@@ -457,14 +454,14 @@ class PackedBatches(Iterator[dict[str, Tensor]]):
     def __next__(self) -> dict[str, Tensor]:
         needed = self.batch_size * self.seq_len if self.pack else self.batch_size
         while len(self._tokens) < needed:
-            texts = list(islice(self._rank_documents(), self.chunk_docs))
+            texts = list(islice(self._unread_documents(), self.chunk_docs))
             if not texts:
                 raise StopIteration
             self._append(self.tokenizer.encode(texts))
         return self._take_packed() if self.pack else self._take_rows()
 
-    def _rank_documents(self) -> Iterator[str]:
-        """This rank's documents from ``_position`` on, pass after pass with ``repeat``: one generator, kept."""
+    def _unread_documents(self) -> Iterator[str]:
+        """The documents from ``_position`` on, pass after pass with ``repeat``: one generator, kept."""
         if self._documents is None:
             self._documents = self._read_passes()
         return self._documents
@@ -473,14 +470,12 @@ class PackedBatches(Iterator[dict[str, Tensor]]):
         while True:
             start, found = self._position, False
             for index, text in enumerate(self.source.iterate(start), start):
-                self._position = index + 1
-                if index % self.world_size == self.rank:
-                    found = True
-                    yield text
+                self._position, found = index + 1, True
+                yield text
             if not self.repeat:
                 return
             if start == 0 and not found:
-                raise DataError(f"{self.source.name} has no documents for rank {self.rank} of {self.world_size}")
+                raise DataError(f"{self.source.name} has no documents")
             self._epoch, self._position = self._epoch + 1, 0
 
     def _append(self, encoded: list[list[int]]) -> None:
@@ -515,27 +510,22 @@ class PackedBatches(Iterator[dict[str, Tensor]]):
     def state_dict(self) -> dict[str, Any]:
         """Where the stream is: plain ints and bools and LongTensors (``torch.load(weights_only=True)`` reads it).
 
-        ``epoch``, ``position`` (the next document to read), ``rank``, ``world_size``, ``pack``,
-        ``tokens`` (tokens or rows read but not yielded) and ``lengths`` (of those rows).
+        ``epoch``, ``position`` (the next document to read), ``pack``, ``tokens`` (tokens or
+        rows read but not yielded) and ``lengths`` (of those rows).
         """
         return {
             "epoch": self._epoch,
             "position": self._position,
-            "rank": self.rank,
-            "world_size": self.world_size,
             "pack": self.pack,
             "tokens": self._tokens.clone(),  # a copy: a view would save the whole storage behind it
             "lengths": self._lengths.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` (from :meth:`state_dict` of an iterator with the same settings)."""
-        saved = (state["pack"], state["rank"], state["world_size"])
-        if saved != (self.pack, self.rank, self.world_size):
-            raise DataError(
-                f"the data state is for pack={saved[0]}, rank {saved[1]} of {saved[2]}; "
-                f"this run has pack={self.pack}, rank {self.rank} of {self.world_size}"
-            )
+        """Continue from ``state`` (from :meth:`state_dict` of an iterator with the same settings;
+        the ``rank`` and ``world_size`` that earlier versions saved, always 0 and 1, are ignored)."""
+        if state["pack"] != self.pack:
+            raise DataError(f"the data state is for pack={state['pack']}; this run has pack={self.pack}")
         if not self.pack and state["tokens"].shape[1] != self.seq_len:
             width = state["tokens"].shape[1]
             raise DataError(f"the data state has rows of {width} tokens; this run has seq_len {self.seq_len}")

@@ -19,11 +19,15 @@ The Trainer saves ``optimizer.state_dict()`` with its checkpoints and reloads it
 ``torch.load(weights_only=True)``; our optimizer state holds only tensors, ints and bools,
 so ``trainer.train(resume_from_checkpoint=...)`` restores ``P`` and the moments exactly.
 
-No layer-wise mode here: :class:`osd.layerwise.LayerwiseUpdates` must know, before each
-backward, whether it is the step's last micro-batch, and the Trainer tells no callback that
-before the backward; it also clips gradients after the backward, when a layer-wise run has
-already freed them. transformers' own ``galore_adamw_layerwise`` therefore refuses gradient
-accumulation and DDP. ``osd train --layerwise`` does it right.
+No layer-wise mode here: the Trainer clips the global gradient norm after the backward,
+when a layer-wise run has already stepped and freed the gradients (layer-wise runs clip per
+parameter, inside the optimizer), and the last accumulation of an epoch may hold fewer
+micro-batches than :class:`osd.layerwise.LayerwiseUpdates` counts on. transformers' own
+``galore_adamw_layerwise`` refuses gradient accumulation and DDP for such reasons.
+``osd train --layerwise`` does it right.
+
+Under DDP or FSDP the SVD refreshes of GaLore / GoLore are spread over the ranks, as in
+``osd train`` (:func:`osd.spread.spread_svd`, a step pre-hook).
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ import torch
 from torch import nn
 
 from osd.optimizer import SubspaceOptimizer
-from osd.param_groups import Targets, describe, param_groups
+from osd.param_groups import Targets, describe, optimizer_groups
 from osd.presets import METHODS, optimizer_names
+from osd.spread import spread_svd as install_spread
 
 __all__ = ["TrainerOptimizer", "create_trainer_optimizer", "optimizer_cls_and_kwargs", "parse_optim_args"]
 
@@ -74,6 +79,7 @@ def create_trainer_optimizer(
     name: str = "osd_adamw",
     rank: int | None = None,
     target_modules: Targets | None = None,
+    spread_svd: bool = True,
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
     """Optimizer ``name`` (``osd_adamw``, ``galore_adamw``, ``golore_lion`` ...) for ``model``,
@@ -84,28 +90,28 @@ def create_trainer_optimizer(
       :mod:`osd.param_groups`), at ``rank`` (default: a quarter of each weight's smaller side);
       everything else trains full-rank;
     - ``lr = args.learning_rate``; ``args.weight_decay`` (decoupled) on matrices only,
-      none on vectors (biases, norm gains), as the Trainer does;
+      none on vectors (biases, norm gains), as the Trainer does; the groups follow
+      :func:`osd.param_groups.optimizer_groups` as ``osd.create_optimizer``'s do (float32
+      embedding states under ``optim_bits=8``, Muon's vectors and embeddings on AdamW);
     - AdamW rules take ``betas = (args.adam_beta1, args.adam_beta2)`` and ``eps = args.adam_epsilon``;
     - ``args.optim_args`` (``"rank=128, scale=0.25"``), then ``kwargs``: any other
-      hyperparameter (``scale``, ``update_proj_gap``, ``alpha`` ...), overriding the above.
+      hyperparameter (``scale``, ``update_proj_gap``, ``alpha`` ...), overriding the above;
+    - under a process group of several ranks (DDP, FSDP), GaLore's / GoLore's SVD refreshes
+      are spread over the ranks (:func:`osd.spread.spread_svd`) unless ``spread_svd=False``.
     """
     _check_subspace(name)
     method, _, rule = name.rpartition("_")
     kwargs = {**parse_optim_args(getattr(args, "optim_args", None)), **kwargs}
     rank = kwargs.pop("rank", rank)
     targets = target_modules or getattr(args, "optim_target_modules", None) or "blocks"
-    groups = param_groups(model, rank=rank, target_modules=targets)
-    full_rank = groups.pop()["params"] if "rank" not in groups[-1] else []
-    groups += [
-        {"params": [(n, p) for n, p in full_rank if p.dim() >= 2]},
-        {"params": [(n, p) for n, p in full_rank if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    groups = optimizer_groups(model, rule, rank, targets, optim_bits=kwargs.get("optim_bits", 32), decay_vectors=False)
     hparams: dict[str, Any] = {"weight_decay": args.weight_decay, "seed": args.seed}
     if rule == "adamw":
         hparams.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    groups = [group for group in groups if group["params"]]
     optimizer = SubspaceOptimizer(groups, args.learning_rate, rule=rule, projector=METHODS[method], **{**hparams, **kwargs})
     logger.info("%s: %s", name, describe(optimizer.param_groups))
+    if spread_svd:
+        install_spread(optimizer)
     return optimizer
 
 

@@ -21,6 +21,13 @@ learning rate as in an ordinary run. Between micro-batches each weight keeps:
 So with ``accumulation = 1`` no weight holds a full gradient once it has stepped, and with
 accumulation only the first kind saves memory between micro-batches.
 
+The object counts its micro-batches itself: a weight steps in the backward that brings
+its ``accumulation``-th gradient of the step. The training loop stays the ordinary one
+(``backward`` per micro-batch, then ``optimizer.step()``, ``optimizer.zero_grad()``):
+``step()`` finds no gradient left and updates nothing, so LR schedulers and step hooks see
+an ordinary step, and a step pre-hook first checks that every weight that received a
+gradient has stepped.
+
 Gradient clipping: the global norm is unknown while weights step one by one, so clipping is
 per parameter (the optimizer's ``max_grad_norm``), the same in a layer-wise and an ordinary
 run. Non-finite gradients follow the optimizer's ``nonfinite`` policy per parameter:
@@ -28,15 +35,17 @@ run. Non-finite gradients follow the optimizer's ``nonfinite`` policy per parame
 
 Usage::
 
-    updates = LayerwiseUpdates(optimizer)          # registers the hooks
-    for k, batch in enumerate(micro_batches):
-        updates.last_micro_batch = k == len(micro_batches) - 1
+    LayerwiseUpdates(optimizer, accumulation=len(micro_batches))   # registers the hooks, once
+    for batch in micro_batches:
         loss(batch).backward()                     # weights step during the last backward
-    updates.finish_step()                          # checks that every weight stepped
-    scheduler.step()                               # no optimizer.step(), no zero_grad()
+    optimizer.step()                               # checks that every weight stepped
+    scheduler.step()
+    optimizer.zero_grad()
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,41 +56,42 @@ __all__ = ["LayerwiseUpdates"]
 
 
 class LayerwiseUpdates:
-    """Steps every parameter of ``optimizer`` from its post-accumulate-grad hook.
+    """Steps every parameter of ``optimizer`` from its post-accumulate-grad hook, once per
+    ``accumulation`` gradients it receives (the micro-batches of one optimizer step).
 
     Attributes:
-        last_micro_batch: set before each backward; True for the backward that completes
-            the optimizer step (default True: no accumulation).
         skipped: parameter updates skipped for non-finite gradients (``nonfinite="skip"``).
     """
 
-    def __init__(self, optimizer: SubspaceOptimizer) -> None:
+    def __init__(self, optimizer: SubspaceOptimizer, accumulation: int = 1) -> None:
         if not isinstance(optimizer, SubspaceOptimizer):
             raise TypeError(f"layer-wise updates need a SubspaceOptimizer, got {type(optimizer).__name__}")
-        self.optimizer = optimizer
-        self.last_micro_batch = True
+        if accumulation < 1:
+            raise ValueError(f"accumulation must be >= 1 (micro-batches per optimizer step), got {accumulation}")
+        self.optimizer, self.accumulation = optimizer, accumulation
         self.skipped = 0
         self._projected: dict[int, Tensor] = {}
-        self._stepped: set[int] = set()
-        self._received: set[int] = set()
+        self._received: dict[int, int] = {}  # gradients received in this step, by parameter, until it steps
         self._handles = [
             p.register_post_accumulate_grad_hook(self._on_grad)
             for group in optimizer.param_groups
             for p in group["params"]
             if p.requires_grad
         ]
+        self._handles.append(optimizer.register_step_pre_hook(self._check_step))
 
     @torch.no_grad()
     def _on_grad(self, p: Tensor) -> None:
         key = id(p)
-        self._received.add(key)
-        if not self.last_micro_batch:
+        self._received[key] = self._received.get(key, 0) + 1
+        if self._received[key] < self.accumulation:
             # Fold this micro-batch into R and free G, unless the step needs G itself.
             if not self.optimizer.needs_full_grad(p):
                 R = self.optimizer.project(p, p.grad)
                 self._projected[key] = R if key not in self._projected else self._projected[key].add_(R)
                 p.grad = None
             return
+        del self._received[key]
         projected = self._projected.pop(key, None)
         if projected is not None:
             if p.grad is not None:
@@ -90,25 +100,19 @@ class LayerwiseUpdates:
         else:
             stepped = self.optimizer.step_param(p)
         self.skipped += not stepped
-        self._stepped.add(key)
         p.grad = None
 
-    def finish_step(self) -> None:
-        """End an optimizer step: every parameter that received a gradient in the step must
-        have stepped in the last backward (``RuntimeError`` otherwise, e.g. when
-        ``last_micro_batch`` was never set True). Then calls ``optimizer.step()``, which
-        finds no gradient left and updates nothing, so that LR schedulers and optimizer
-        step hooks see an ordinary step."""
-        missing = self._received - self._stepped
-        self._received.clear()
-        self._stepped.clear()
-        if missing or self._projected:
+    def _check_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Before ``optimizer.step()``: every parameter that received a gradient in the step
+        must have stepped (``RuntimeError`` otherwise: fewer backward passes than ``accumulation``)."""
+        if self._received or self._projected:
+            waiting = len(self._received)
+            self._received.clear()
             self._projected.clear()
             raise RuntimeError(
-                f"{len(missing)} parameter(s) received gradients but did not step: set last_micro_batch = True "
-                "before the backward of the last micro-batch of each optimizer step"
+                f"{waiting} parameter(s) received gradients but did not step: they step on their {self.accumulation}-th "
+                f"backward of the step (accumulation={self.accumulation}); run one backward per micro-batch before optimizer.step()"
             )
-        self.optimizer.step()
 
     def remove(self) -> None:
         """Unregister the hooks (the optimizer can then be stepped as usual)."""

@@ -29,7 +29,8 @@ import torch
 from osd.config import ConfigError, TrainConfig
 from osd.memory import PARTS, activation_bytes, estimate_memory
 from osd.models import PRESETS, build_model, llama_config
-from osd.train import build_optimizer, train
+from osd.presets import create_optimizer
+from osd.train import train
 
 __all__ = ["VARIANTS", "estimate", "measure", "main"]
 
@@ -60,9 +61,7 @@ def estimate(config: TrainConfig, vocab_size: int, dtype: torch.dtype = torch.fl
     counted on a meta-device copy of the model and its optimizer."""
     with torch.device("meta"):
         model = build_model(llama_config(config.model, vocab_size, config.seq_len, config.model_config)).to(dtype)
-        optimizer, layerwise = build_optimizer(config, model)
-    if layerwise is not None:
-        layerwise.remove()
+        optimizer = create_optimizer(model, config.optimizer, **config.optimizer_kwargs())
     activations = activation_bytes(model.config, config.batch_size, config.seq_len, config.activation_checkpointing, dtype)
     return estimate_memory(model, optimizer, layerwise=config.layerwise, activations=activations)
 

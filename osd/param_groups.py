@@ -16,6 +16,11 @@ the same everywhere (:func:`param_groups`, :func:`osd.create_optimizer`, :mod:`o
 A selected module's ``weight`` is projected. ``Conv1D`` stores its weight transposed
 (``in x out``, ``y = x W``); with the default ``proj_type="std"`` the projector acts on the
 smaller side whatever the orientation, so both layouts get the same subspace step.
+
+:func:`optimizer_groups` adds the policies every factory shares (``osd.create_optimizer``,
+the Hugging Face route, ``osd train``, ``osd memory``, the benchmarks): float32 states for
+the embeddings under 8-bit states, the matrices-only split of a rule like Muon, and the
+decay policy.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["TARGET_PRESETS", "default_rank", "param_groups", "projected_modules", "describe"]
+from osd.rules import get_rule
+
+__all__ = ["TARGET_PRESETS", "default_rank", "param_groups", "optimizer_groups", "projected_modules", "describe"]
 
 TARGET_PRESETS = ("blocks", "all-linear")
 RANK_FRACTION = 4  # the papers' ranks are a quarter of the hidden size (60m: 512 -> 128, 1b: 2048 -> 512)
@@ -121,6 +128,63 @@ def param_groups(
     if full_rank:
         groups.append({"params": full_rank})
     return groups
+
+
+def optimizer_groups(
+    model: nn.Module,
+    rule: str = "adamw",
+    rank: int | None = None,
+    target_modules: Targets = "blocks",
+    *,
+    project: bool = True,
+    optim_bits: int = 32,
+    decay_vectors: bool = True,
+) -> list[dict[str, Any]]:
+    """The param groups of an optimizer with inner rule ``rule`` for ``model``, by one policy.
+
+    1. ``project``: :func:`param_groups` (the weights ``target_modules`` selects, at ``rank``,
+       and a full-rank group); else one full-rank group of every parameter.
+    2. ``decay_vectors=False``: the full-rank group's vectors (biases, norm gains) go to a
+       group of their own with ``weight_decay=0.0`` (the Hugging Face Trainer's policy).
+    3. ``optim_bits != 32``: the input and output embeddings go to a last group with
+       ``optim_bits=32``, as bitsandbytes recommends for 8-bit optimizers: rows of a
+       vocabulary-sized matrix that rarely see a gradient get second moments too small for
+       their block's 8-bit range and divide by ~0 (a tiny LLaMA on C4 diverged here with
+       8-bit embedding states).
+    4. A rule that updates matrices only (Muon): what it should not take (vectors, the
+       embeddings, as Muon's authors advise) goes to groups with ``rule="adamw"``.
+
+    Parameters are ``(name, parameter)`` pairs; empty groups are dropped.
+    """
+    groups = param_groups(model, rank=rank, target_modules=target_modules) if project else [{"params": list(model.named_parameters())}]
+    embeddings = _embedding_ids(model)
+    if not decay_vectors:
+        groups = [split for group in groups for split in _vectors_apart(group)]
+    if optim_bits != 32:
+        kept = [(n, p) for group in groups for n, p in group["params"] if id(p) in embeddings]
+        groups = [{**group, "params": [(n, p) for n, p in group["params"] if id(p) not in embeddings]} for group in groups]
+        groups.append({"params": kept, "optim_bits": 32})
+    if get_rule(rule).matrices_only:
+        other = lambda p: p.dim() != 2 or id(p) in embeddings  # noqa: E731
+        groups = [
+            split
+            for group in groups
+            for split in (
+                {**group, "params": [(n, p) for n, p in group["params"] if not other(p)]},
+                {**{k: v for k, v in group.items() if k != "rank"}, "params": [(n, p) for n, p in group["params"] if other(p)], "rule": "adamw"},
+            )
+        ]
+    return [group for group in groups if group["params"]]
+
+
+def _vectors_apart(group: dict[str, Any]) -> list[dict[str, Any]]:
+    """A full-rank group as its matrices and its vectors, the vectors without weight decay."""
+    if "rank" in group:
+        return [group]
+    return [
+        {**group, "params": [(n, p) for n, p in group["params"] if p.dim() >= 2]},
+        {**group, "params": [(n, p) for n, p in group["params"] if p.dim() < 2], "weight_decay": 0.0},
+    ]
 
 
 def describe(groups: Sequence[dict[str, Any]]) -> str:

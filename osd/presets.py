@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from osd.param_groups import Targets, param_groups
+from osd.param_groups import Targets, optimizer_groups
 from osd.optimizer import DEFAULT_LR, SUBSPACE_DEFAULTS, SubspaceOptimizer
 from osd.rules import RULES
 
@@ -104,10 +104,8 @@ def create_optimizer(
     or a :class:`SubspaceOptimizer`-only option (8-bit states, per-parameter clipping) is
     given; then it is the same AdamW as a full-rank :class:`SubspaceOptimizer`.
 
-    With ``optim_bits=8`` the input and output embeddings keep float32 states, as
-    bitsandbytes recommends for 8-bit optimizers: rows of a vocabulary-sized matrix that
-    rarely see a gradient get second moments too small for their block's 8-bit range,
-    and divide by ~0 (a tiny LLaMA on C4 diverged here with 8-bit embedding states).
+    The groups follow :func:`osd.param_groups.optimizer_groups` (with ``optim_bits=8`` the
+    embeddings keep float32 states; Muon's vectors and embeddings step with AdamW).
 
     Example: ``create_optimizer(model, "osd_adamw", rank=128)``.
     """
@@ -122,41 +120,5 @@ def create_optimizer(
         subspace_only = {k: v for k, v in kwargs.items() if k not in torch_keys and SUBSPACE_DEFAULTS.get(k, object()) != v}
         if name == "adamw" and torch_adamw and not subspace_only:
             return torch.optim.AdamW(model.parameters(), lr=lr, **{k: v for k, v in kwargs.items() if k in torch_keys})
-        groups = [{"params": list(model.named_parameters())}]
-        return SubspaceOptimizer(_matrices_apart(model, _embeddings_apart(model, groups, kwargs), rule), lr, rule=rule, projector="identity", **kwargs)
-    groups = param_groups(model, rank=rank, target_modules=target_modules)
-    return SubspaceOptimizer(_matrices_apart(model, _embeddings_apart(model, groups, kwargs), rule), lr, rule=rule, projector=METHODS[method], **kwargs)
-
-
-def _matrices_apart(model: nn.Module, groups: list[dict[str, Any]], rule: str) -> list[dict[str, Any]]:
-    """For a rule that updates matrices only (Muon): the parameters it should not take (vectors,
-    the input and output embeddings, as Muon's authors advise) go to groups with ``rule="adamw"``."""
-    if not RULES[rule].matrices_only:
-        return groups
-    embeddings = _embedding_ids(model)
-    other = lambda p: p.dim() != 2 or id(p) in embeddings  # noqa: E731
-    split = []
-    for group in groups:
-        split.append({**group, "params": [(n, p) for n, p in group["params"] if not other(p)]})
-        split.append({**{k: v for k, v in group.items() if k != "rank"}, "params": [(n, p) for n, p in group["params"] if other(p)], "rule": "adamw"})
-    return [group for group in split if group["params"]]
-
-
-def _embedding_ids(model: nn.Module) -> set[int]:
-    """``id``s of the input embeddings (``nn.Embedding``) and the output embeddings' weight."""
-    embeddings = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if output is not None:
-        embeddings.add(id(output.weight))
-    return embeddings
-
-
-def _embeddings_apart(model: nn.Module, groups: list[dict[str, Any]], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
-    """With 8-bit states, move the embedding weights (``nn.Embedding`` and the model's output
-    embeddings) from ``groups`` into a group of their own with float32 states."""
-    if kwargs.get("optim_bits", 32) == 32:
-        return groups
-    embeddings = _embedding_ids(model)
-    split = [{**group, "params": [(n, p) for n, p in group["params"] if id(p) not in embeddings]} for group in groups]
-    kept = [(n, p) for group in groups for n, p in group["params"] if id(p) in embeddings]
-    return [group for group in split if group["params"]] + ([{"params": kept, "optim_bits": 32}] if kept else [])
+    groups = optimizer_groups(model, rule, rank, target_modules, project=bool(method), optim_bits=kwargs.get("optim_bits", 32))
+    return SubspaceOptimizer(groups, lr, rule=rule, projector=METHODS[method] if method else "identity", **kwargs)

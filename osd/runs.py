@@ -2,11 +2,12 @@
 
 * :func:`check_out_dir`: a new run never reuses a non-empty directory silently
   (``--overwrite`` / ``--resume``), ``--resume`` needs a checkpoint, the directory must be writable;
-* :func:`restore`: a checkpoint resumes only a run with its settings (each difference named)
-  and only into a model and optimizer it fits;
+* :func:`check_resume`: a checkpoint resumes only a run with its settings (each difference
+  named) and steps left (:class:`osd.checkpoint.RunCheckpoint` checks that it fits the model);
 * :func:`start_run_files`: the run's files change only after every check has passed;
 * :class:`StopRequests`: SIGINT / SIGTERM finish the step and save (:class:`Interrupted`);
-* :class:`DivergenceCheck`: the divergence policy (:class:`RunError`).
+* :class:`DivergenceCheck`: the divergence policy (:class:`RunError`);
+* :func:`save`, :func:`write_metrics`: a failed write stops the run, the last checkpoint kept.
 
 The policy, every case and what the user sees: ``docs/troubleshooting.md``.
 """
@@ -19,16 +20,14 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-import torch
 
-from osd import checkpoint, distributed
-from osd.checkpoint import CheckpointError
+from osd import distributed
+from osd.checkpoint import CheckpointError, RunCheckpoint
 from osd.config import MAY_CHANGE, ConfigError, TrainConfig
-from osd.data import DataError, PackedBatches
 
-__all__ = ["RunError", "Interrupted", "StopRequests", "DivergenceCheck", "check_out_dir", "restore", "start_run_files"]
+__all__ = ["RunError", "Interrupted", "StopRequests", "DivergenceCheck", "check_out_dir", "check_resume", "start_run_files", "save", "write_metrics"]
 
 
 class RunError(RuntimeError):
@@ -105,6 +104,11 @@ class DivergenceCheck:
     def suspect(self) -> bool:
         return self._at_uniform > 0
 
+    @staticmethod
+    def error(step: int, cause: str, saved_step: int | None, lr: float) -> RunError:
+        """The :class:`RunError` that stops a run diverged at ``step`` for ``cause``."""
+        return RunError(f"training diverged at step {step}: {cause}; stopped without saving ({kept(saved_step)}); lower --lr (now {lr}) or lengthen the warmup")
+
     def __call__(self, loss: float) -> str | None:
         """Why the run has diverged with this step's ``loss``, or None."""
         if self.patience == math.inf:  # the check is off
@@ -117,6 +121,30 @@ class DivergenceCheck:
         if self._at_uniform >= self.patience:
             return f"the train loss has been ln(vocab) = {self.uniform:.4f} for {self.patience} steps: the model predicts the uniform distribution"
         return None
+
+
+def kept(saved_step: int | None) -> str:
+    """What a run that stops now leaves behind."""
+    return f"the checkpoint of step {saved_step} is kept" if saved_step is not None else "no checkpoint was written"
+
+
+def save(checkpoints: RunCheckpoint, step: int, tokens: int) -> None:
+    """:meth:`RunCheckpoint.save_run`; a failed write stops the run (:class:`RunError`, exit 1)."""
+    try:
+        checkpoints.save_run(step, tokens)
+    except CheckpointError as error:
+        raise RunError(f"{error}; the run stops at step {step}") from None
+
+
+def write_metrics(metrics: TextIO | None, record: dict[str, Any], saved_step: int | None) -> None:
+    """Append ``record`` to ``metrics.jsonl`` (None: not this rank's to write); a failed write stops the run."""
+    if metrics is None:
+        return
+    try:
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+    except OSError as error:
+        raise RunError(f"cannot write {metrics.name}: {error.strerror or error}; the run stops at step {record['step']} ({kept(saved_step)})") from None
 
 
 # --------------------------------------------------------------------------- the run directory
@@ -146,17 +174,14 @@ def check_out_dir(config: TrainConfig) -> Path:
     return out_dir
 
 
-def restore(
-    path: Path, config: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batches: PackedBatches
-) -> tuple[int, int]:
-    """Load checkpoint ``path`` into the run; return its ``(step, tokens)``.
+def check_resume(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    """May checkpoint ``saved`` (read from ``path``) resume the run of ``config``?
 
     Refuses (:class:`ConfigError` / :class:`CheckpointError`, one line) a checkpoint trained
     with other settings (each difference named; ``--allow-change`` lets the step budget
-    change), one at or past where this run stops, and one whose model or optimizer does not
-    fit this run's.
+    change) and one at or past where this run stops. (Whether its model and optimizer fit is
+    :meth:`osd.checkpoint.RunCheckpoint.restore_run`'s check.)
     """
-    saved = checkpoint.load(path, checkpoint.KEYS)
     if not isinstance(saved["config"], dict):
         raise CheckpointError(f"checkpoint {path} has no run configuration to compare with")
     differences = config.resume_differences(saved["config"])
@@ -168,38 +193,6 @@ def restore(
     stop = min(config.total_steps, config.stop_at_step or config.total_steps)
     if step >= stop:
         raise ConfigError(f"--resume: the checkpoint is at step {step}, and this run stops at step {stop}; raise --steps (with --allow-change steps) to train on")
-    _check_model_state(path, distributed.unwrap(model).state_dict(), saved["model"])
-    for part, load in [
-        ("model", lambda: distributed.load_model_state_dict(model, saved["model"])),
-        ("optimizer", lambda: distributed.load_optimizer_state_dict(optimizer, saved["optimizer"])),
-        ("lr scheduler", lambda: scheduler.load_state_dict(saved["scheduler"])),
-        ("data position", lambda: batches.load_state_dict(saved["data"])),
-        ("RNG states", lambda: checkpoint.set_rng_state(saved["rng"])),
-    ]:
-        try:
-            load()
-        except DataError:
-            raise
-        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as error:
-            reason = " ".join(str(error).split()) or type(error).__name__
-            raise CheckpointError(f"checkpoint {path} does not fit this run's {part}: {reason}") from None
-    return step, saved["tokens"]
-
-
-def _check_model_state(path: Path, expected: dict[str, torch.Tensor], saved: Any) -> None:
-    """Refuse a saved model state with other keys or shapes than the model's, naming the first."""
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"checkpoint {path}: 'model' is a {type(saved).__name__}, not a state dict")
-    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint {path} holds another model: {len(missing)} of this model's tensors missing "
-            f"({', '.join(missing[:2])}), {len(unexpected)} unknown ({', '.join(unexpected[:2])})"
-        )
-    for name, tensor in expected.items():
-        if not isinstance(saved[name], torch.Tensor) or saved[name].shape != tensor.shape:
-            shape = tuple(saved[name].shape) if isinstance(saved[name], torch.Tensor) else type(saved[name]).__name__
-            raise CheckpointError(f"checkpoint {path} holds another model: {name} is {shape} there, {tuple(tensor.shape)} here")
 
 
 def start_run_files(out_dir: Path, config: TrainConfig, resumed_step: int) -> None:

@@ -2,7 +2,9 @@
 
 Under DDP every rank holds the same all-reduced gradients, so every rank would compute the
 same SVD of every projected weight every ``update_proj_gap`` steps. :func:`spread_refreshes`,
-called between the backward and ``optimizer.step()``, instead has weight ``i`` (in the order
+run at the start of ``optimizer.step()`` (a step pre-hook that :func:`spread_svd` installs
+once, so every caller of ``step()`` gets it: ``osd train``, the Hugging Face Trainer, your
+own loop), instead has weight ``i`` (in the order
 of the refreshes due at this step) computed by rank ``i mod w`` alone, with the projector's
 own ``prepare`` (so the result is exactly what every rank would have computed), and then
 broadcast from that rank into every other rank's ``P``. It marks the step in
@@ -19,13 +21,27 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.utils.hooks import RemovableHandle
 
 from osd import sharded
 from osd.projectors import PROJECTORS, refresh_due
 
-__all__ = ["spread_refreshes"]
+__all__ = ["spread_refreshes", "spread_svd"]
 
 SPREAD_PROJECTORS = ("svd", "random")
+
+
+def spread_svd(optimizer: torch.optim.Optimizer, rank: int | None = None, world_size: int | None = None) -> RemovableHandle | None:
+    """Install :func:`spread_refreshes` as a step pre-hook of ``optimizer``, for this process's
+    ``rank`` of ``world_size`` (default: the initialised process group's); return its handle,
+    or None in a single process (nothing to spread)."""
+    if rank is None or world_size is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    if world_size == 1:
+        return None
+    return optimizer.register_step_pre_hook(lambda opt, args, kwargs: spread_refreshes(opt, rank, world_size))
 
 
 def spread_refreshes(optimizer: torch.optim.Optimizer, rank: int, world_size: int) -> None:

@@ -6,9 +6,11 @@ each other; they meet in :func:`train`. One optimizer step:
     for each of `accumulation` micro-batches: loss_sum / tokens_in_step -> backward
     clip the global gradient norm; optimizer.step(); scheduler.step()
 
-so the loss is averaged per token over the whole step, whatever the accumulation. With
-``--layerwise`` the weights step inside the last backward instead (``osd.layerwise``), and
-``--grad-clip`` clips per parameter.
+so the loss is averaged per token over the whole step, whatever the accumulation. The
+optimizer carries what changes a step (:func:`build_optimizer`): with ``--layerwise`` the
+weights step inside the last backward (``osd.layerwise``; ``optimizer.step()`` then finds
+nothing left, and ``--grad-clip`` clips per parameter); under torchrun its SVD refreshes are
+spread over the ranks (``osd.spread``). Saving and resuming: :class:`osd.checkpoint.RunCheckpoint`.
 Validation perplexity is ``exp(total token loss / number of tokens)`` over a fixed set.
 
     python -m osd.train --model micro --optimizer osd_adamw --rank 32 --steps 200
@@ -30,18 +32,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from osd import checkpoint, distributed
-from osd.checkpoint import CheckpointError
+from osd import distributed
+from osd.checkpoint import CheckpointError, RunCheckpoint
 from osd.config import ConfigError, TrainConfig, build_parser, config_from_args
-from osd.data import DataError, PackedBatches, load_documents, load_tokenizer, validation_batches
+from osd.data import IGNORE_INDEX, DataError, PackedBatches, Tokenizer, load_documents, load_tokenizer, validation_batches
 from osd.layerwise import LayerwiseUpdates
 from osd.memory import state_bytes
 from osd.models import build_model, llama_config
 from osd.presets import create_optimizer
 from osd.run_log import RunLog, banner, log_mode
-from osd.runs import DivergenceCheck, Interrupted, RunError, StopRequests, check_out_dir, restore, start_run_files
+from osd.runs import DivergenceCheck, Interrupted, RunError, StopRequests, check_out_dir, check_resume, save, start_run_files, write_metrics
 from osd.schedule import warmup_cosine
-from osd.spread import spread_refreshes
+from osd.spread import spread_svd
 
 __all__ = ["train", "train_step", "build_training_model", "build_optimizer", "evaluate", "main", "run"]
 
@@ -49,13 +51,13 @@ __all__ = ["train", "train_step", "build_training_model", "build_optimizer", "ev
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy of a batch and the number of predicted tokens.
 
-    ``labels`` are ``input_ids`` with -100 where nothing is to be predicted (padding);
+    ``labels`` are ``input_ids`` with ``IGNORE_INDEX`` (-100) where nothing is to be predicted (padding);
     position ``i`` predicts token ``i + 1``.
     """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
     targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
-    return loss, int((targets != -100).sum())
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((targets != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()
@@ -93,23 +95,6 @@ def peak_memory_bytes(device: torch.device) -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _subspace_kwargs(config: TrainConfig) -> dict[str, Any]:
-    method = config.optimizer.rpartition("_")[0]
-    kwargs: dict[str, Any] = {"weight_decay": config.weight_decay}
-    if config.optim_bits != 32:
-        kwargs["optim_bits"] = config.optim_bits
-    if config.layerwise and config.grad_clip > 0:
-        kwargs["max_grad_norm"] = config.grad_clip
-    if method:
-        kwargs.update(rank=config.rank, update_proj_gap=config.update_proj_gap, scale=config.scale, seed=config.seed)
-    if method in ("osd", "osd_sketch"):
-        kwargs.update(alpha=config.alpha, ortho_reg=config.ortho_reg, proj_optimizer=config.proj_optimizer, proj_lr_rule=config.proj_lr_rule)
-    extra = config.extra_optimizer_kwargs()
-    if method == "golore" and extra.get("svd_until"):
-        kwargs["total_steps"] = config.total_steps  # GoLore's switch is a fraction of the run
-    return {**kwargs, **extra}
-
-
 def build_training_model(config: TrainConfig, vocab_size: int, device: torch.device) -> torch.nn.Module:
     """The LLaMA of ``config`` on ``device``, with activation checkpointing if asked for."""
     model = build_model(llama_config(config.model, vocab_size, config.seq_len, config.model_config)).to(device)
@@ -121,10 +106,17 @@ def build_training_model(config: TrainConfig, vocab_size: int, device: torch.dev
     return model
 
 
-def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, LayerwiseUpdates | None]:
-    """The optimizer of ``config`` and, with ``--layerwise``, the hooks that step it in backward."""
-    optimizer = create_optimizer(model, config.optimizer, lr=config.peak_lr, torch_adamw=not config.layerwise, **_subspace_kwargs(config))
-    return optimizer, LayerwiseUpdates(optimizer) if config.layerwise else None
+def build_optimizer(config: TrainConfig, model: torch.nn.Module, parallel: distributed.Parallel | None = None) -> torch.optim.Optimizer:
+    """The optimizer of ``config`` (:meth:`TrainConfig.optimizer_kwargs`), ready for the loop:
+    with ``--layerwise`` its weights step inside backward (:class:`osd.layerwise.LayerwiseUpdates`,
+    counting ``config.accumulation`` micro-batches); under ``parallel`` with ``--spread-svd``
+    its SVD refreshes are spread over the ranks (:func:`osd.spread.spread_svd`)."""
+    optimizer = create_optimizer(model, config.optimizer, **config.optimizer_kwargs())
+    if config.layerwise:
+        LayerwiseUpdates(optimizer, config.accumulation)
+    if config.spread_svd and parallel is not None:
+        spread_svd(optimizer, parallel.rank, parallel.world_size)
+    return optimizer
 
 
 def train_step(
@@ -132,40 +124,28 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     micro_batches: list[dict[str, torch.Tensor]],
     grad_clip: float,
-    layerwise: LayerwiseUpdates | None = None,
     parallel: distributed.Parallel | None = None,
-    spread_svd: bool = False,
 ) -> float:
     """One optimizer step over the global step's ``micro_batches``; returns the train loss per token.
 
     The loss is summed over the step's tokens and divided by their number, so the step's
     gradient is that of the per-token mean whatever the accumulation and the world size.
     Under ``parallel`` (DDP / FSDP2) this rank runs its share of the micro-batches and
-    gradients synchronise on its last one. Ordinary: clip the global gradient norm to
-    ``grad_clip`` (0: off), spread GaLore's SVD refreshes over ranks if ``spread_svd``, then
-    ``optimizer.step()``. Layer-wise: the weights have stepped inside the last backward
-    (clipped per parameter by the optimizer).
+    gradients synchronise on its last one. Then: clip the global gradient norm to
+    ``grad_clip`` (0: off), ``optimizer.step()``, ``optimizer.zero_grad()``.
     """
     parallel = parallel or distributed.Parallel(device=micro_batches[0]["input_ids"].device)
-    step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+    step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
     own = parallel.share(micro_batches)
     local_loss = 0.0
     for k, batch in enumerate(own):
-        last = k == len(own) - 1
-        if layerwise is not None:
-            layerwise.last_micro_batch = last
-        with distributed.gradient_sync(model, enabled=last):
+        with distributed.gradient_sync(model, enabled=k == len(own) - 1):
             loss_sum, _ = token_loss_sum(model, batch)
             (loss_sum * parallel.grad_scale / step_tokens).backward()
         local_loss += loss_sum.item()
     train_loss = distributed.all_sum([local_loss], parallel)[0] / step_tokens
-    if layerwise is not None:
-        layerwise.finish_step()
-        return train_loss
     if grad_clip > 0:
         distributed.clip_grad_norm_(list(model.parameters()), grad_clip)
-    if spread_svd:
-        spread_refreshes(optimizer, parallel.rank, parallel.world_size)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return train_loss
@@ -202,6 +182,15 @@ def _parallel(config: TrainConfig) -> distributed.Parallel:
     return parallel
 
 
+def load_data(config: TrainConfig) -> tuple[Tokenizer, PackedBatches, list[dict[str, torch.Tensor]]]:
+    """The run's tokenizer, its endless training batches and its fixed validation batches."""
+    train_docs = load_documents(config.data, "train", val_docs=config.val_docs)
+    val_docs = load_documents(config.val_data or config.data, "validation", val_docs=config.val_docs)
+    tokenizer = load_tokenizer(config.tokenizer_spec)
+    val_batches = validation_batches(val_docs, tokenizer, config.batch_size, config.seq_len, config.eval_batches, pack=config.pack)
+    return tokenizer, PackedBatches(train_docs, tokenizer, config.batch_size, config.seq_len, pack=config.pack), val_batches
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) the training described by ``config``; return the final metrics.
 
@@ -210,59 +199,32 @@ def train(config: TrainConfig) -> dict[str, Any]:
     checkpoint kept) and :class:`Interrupted` after saving on SIGINT/SIGTERM.
     """
     parallel = _parallel(config)
-    device = parallel.device
     out_dir = check_out_dir(config)
-    checkpoint_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
-
-    train_docs = load_documents(config.data, "train", val_docs=config.val_docs)
-    val_docs = load_documents(config.val_data or config.data, "validation", val_docs=config.val_docs)
-    tokenizer = load_tokenizer(config.tokenizer_spec)
-    val_batches = validation_batches(val_docs, tokenizer, config.batch_size, config.seq_len, config.eval_batches, pack=config.pack)
-    batches = PackedBatches(train_docs, tokenizer, config.batch_size, config.seq_len, pack=config.pack)
-
+    tokenizer, batches, val_batches = load_data(config)
     torch.manual_seed(config.seed)
     try:
-        model = distributed.wrap(build_training_model(config, tokenizer.vocab_size, device), parallel)
-        optimizer, layerwise = build_optimizer(config, distributed.unwrap(model))
+        model = distributed.wrap(build_training_model(config, tokenizer.vocab_size, parallel.device), parallel)
+        optimizer = build_optimizer(config, distributed.unwrap(model), parallel)
     except (ValueError, TypeError) as error:
         raise ConfigError(str(error)) from None
     scheduler = warmup_cosine(optimizer, config.warmup, config.total_steps, config.min_lr_ratio)
-
-    step, tokens_seen = 0, 0
-    if config.resume:
-        step, tokens_seen = restore(checkpoint_path, config, model, optimizer, scheduler, batches)
+    checkpoints = RunCheckpoint(out_dir / "checkpoint.pt", model, optimizer, scheduler, batches, json.loads(config.to_json()), parallel)
+    step, tokens_seen = checkpoints.restore_run(lambda saved: check_resume(saved, config, checkpoints.path)) if config.resume else (0, 0)
     if parallel.is_main:
         start_run_files(out_dir, config, step)
-    saved_step = step if config.resume else None
-
-    def save() -> None:
-        # Gathering sharded tensors is collective: every rank takes part, rank 0 writes.
-        nonlocal saved_step
-        state = {"model": distributed.model_state_dict(model), "optimizer": distributed.optimizer_state_dict(optimizer)}
-        if parallel.is_main:
-            extra = {"scheduler": scheduler.state_dict(), "data": batches.state_dict(), "rng": checkpoint.rng_state()}
-            run = {"step": step, "tokens": tokens_seen, "config": json.loads(config.to_json())}
-            try:
-                checkpoint.atomic_save({**state, **extra, **run}, checkpoint_path)
-            except CheckpointError as error:
-                raise RunError(f"{error}; the run stops at step {step}") from None
-        saved_step = step
-
     last_step = min(config.total_steps, config.stop_at_step or config.total_steps)
     diverged = DivergenceCheck(tokenizer.vocab_size, patience=3 if config.divergence_check else math.inf)
     record: dict[str, Any] = {}
     state_total: int | None = None
     log = start_log(config, parallel, step, banner(config, distributed.unwrap(model), optimizer, tokenizer.vocab_size, parallel.world_size))
-    with StopRequests() as stop, metrics_path.open("a") if parallel.is_main else contextlib.nullcontext() as metrics:
+    with StopRequests() as stop, contextlib.closing(log), (out_dir / "metrics.jsonl").open("a") if parallel.is_main else contextlib.nullcontext() as metrics:
         while step < last_step:
             started = time.perf_counter()
-            # Every rank reads the whole global step (the batches one process would read) and
-            # trains on its share of the micro-batches.
-            micro_batches = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(config.accumulation)]
-            read_tokens = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
+            # Every rank reads the whole global step (the batches one process would read) and trains on its share.
+            micro_batches = [{k: v.to(parallel.device) for k, v in next(batches).items()} for _ in range(config.accumulation)]
             lr = optimizer.param_groups[0]["lr"]
             try:
-                train_loss = train_step(model, optimizer, micro_batches, config.grad_clip, layerwise, parallel, config.spread_svd)
+                train_loss = train_step(model, optimizer, micro_batches, config.global_grad_clip, parallel)
             except FloatingPointError as error:  # a subspace optimizer refuses a non-finite gradient
                 train_loss, cause = math.nan, str(error).split(";")[0]
             else:
@@ -271,35 +233,22 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if config.check_sync:
                 distributed.check_replicas(model, optimizer, parallel)
             step += 1
+            read_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
             tokens_seen += read_tokens
-            if state_total is None:  # every state tensor exists after the first step and keeps its size
-                state_total = state_bytes(optimizer)["total"]
-            record = {
-                "step": step,
-                "tokens": tokens_seen,
-                "train_loss": train_loss,
-                "lr": lr,
-                "tokens_per_s": read_tokens / (time.perf_counter() - started),
-                "optimizer_state_bytes": state_total,
-                "peak_memory_bytes": peak_memory_bytes(device),
-            }
+            state_total = state_bytes(optimizer)["total"] if state_total is None else state_total  # fixed after step 1
+            record = {"step": step, "tokens": tokens_seen, "train_loss": train_loss, "lr": lr, "tokens_per_s": read_tokens / (time.perf_counter() - started),
+                      "optimizer_state_bytes": state_total, "peak_memory_bytes": peak_memory_bytes(parallel.device)}
             if cause is None and (step % config.eval_interval == 0 or step == config.total_steps):
-                record["val_loss"], record["val_ppl"] = evaluate(model, val_batches, device, parallel)
-            if metrics is not None:
-                _write_metrics(metrics, record, saved_step)
+                record["val_loss"], record["val_ppl"] = evaluate(model, val_batches, parallel.device, parallel)
+            write_metrics(metrics, record, checkpoints.saved_step)
             if cause is not None:
-                log.close()
-                kept = f"the checkpoint of step {saved_step} is kept" if saved_step is not None else "no checkpoint was written"
-                raise RunError(f"training diverged at step {step}: {cause}; stopped without saving ({kept}); lower --lr (now {optimizer.defaults['lr'] if config.lr is None else config.lr}) or lengthen the warmup")
+                raise diverged.error(step, cause, checkpoints.saved_step, config.peak_lr)
             log.step(record)
             signum = stop.requested(parallel)
-            periodic = config.save_interval and step % config.save_interval == 0 and not diverged.suspect
-            if periodic or step == last_step or signum:
-                save()
+            if (config.save_interval and step % config.save_interval == 0 and not diverged.suspect) or step == last_step or signum:
+                save(checkpoints, step, tokens_seen)
             if signum:
-                log.close()
-                raise Interrupted(signum, step, checkpoint_path)
-    log.close()
+                raise Interrupted(signum, step, checkpoints.path)
     log.print(f"wrote {', '.join(str(out_dir / name) for name in ('config.json', 'metrics.jsonl', 'checkpoint.pt'))}"
               + (f", {out_dir / 'tensorboard'}" if config.tensorboard else ""))
     return record
@@ -315,15 +264,6 @@ def start_log(config: TrainConfig, parallel: distributed.Parallel, step: int, st
         raise ConfigError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {error}") from None
     log.print(start_banner + (f"\nresuming from step {step}" if step else ""))
     return log
-
-
-def _write_metrics(metrics: Any, record: dict[str, Any], saved_step: int | None) -> None:
-    try:
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
-    except OSError as error:
-        kept = f"the checkpoint of step {saved_step} is kept" if saved_step is not None else "no checkpoint was written"
-        raise RunError(f"cannot write {metrics.name}: {error.strerror or error}; the run stops at step {record['step']} ({kept})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,6 +77,7 @@ def runs(tmp_path_factory) -> Path:
     jobs.append({"copy": [str(root / "fsdp_stop"), str(root / "fsdp_resumed_fsdp")]})
     jobs.append({"argv": argv(root / "fsdp_resumed_fsdp", **OSD_SGD_P, check_sync=True, fsdp=True, resume=True)})
     jobs.append({"check_replicas": str(root / "check_replicas.json")})
+    jobs.append({"hf_spread": str(root / "hf_spread.json")})
     jobs.append({"expect_error": argv(root / "bad_batch", total_batch_size=12), "out": str(root / "bad_batch.json")})
     (root / "jobs.json").write_text(json.dumps(jobs))
 
@@ -120,6 +121,12 @@ def test_spreading_the_svd_refreshes_over_ranks_changes_nothing(runs: Path) -> N
     assert basis_steps(runs / "ddp_galore_adamw_unspread") == {None}
     # ... and gives the run that every rank computing every SVD gives.
     assert_same_run(runs / "ddp_galore_adamw", runs / "ddp_galore_adamw_unspread")
+
+
+def test_the_hugging_face_route_spreads_the_svd_refreshes_too(runs: Path) -> None:
+    """Spreading is a step pre-hook of the optimizer, so a loop that only calls ``step()`` (the
+    Trainer's) gets it: the refresh at step 2 (``T = 2``) was computed once and broadcast."""
+    assert json.loads((runs / "hf_spread.json").read_text())["basis_steps"] == [2]
 
 
 @pytest.mark.parametrize(("name", "rel"), [("galore_adamw", 1e-5), ("golore_adamw", 1e-5), ("osd_sgd_p", 1e-5), ("osd_adamw", 1e-5)])

@@ -64,6 +64,17 @@ def data(c4_tokens: torch.Tensor) -> Rows:
     return Rows(c4_tokens[:512])
 
 
+@pytest.mark.parametrize(("name", "options"), [("osd_adamw", {"optim_bits": 8}), ("galore_muon", {})], ids=["8-bit", "muon"])
+def test_the_trainer_route_groups_weights_as_create_optimizer_does(name: str, options: dict, tmp_path: Path) -> None:
+    """One group builder: under 8-bit states the embeddings keep float32 states, and Muon's
+    vectors and embeddings step with AdamW, whichever factory builds the optimizer."""
+    model = tiny_llama()
+    policy = lambda groups: {n: (g["rank"], g["optim_bits"], g["rule"]) for g in groups for n in g["param_names"]}  # noqa: E731
+    trainer_route = create_trainer_optimizer(model, arguments(tmp_path, optim_args="rank=8"), name, **options)
+    assert policy(trainer_route.param_groups) == policy(osd.create_optimizer(model, name, rank=8, **options).param_groups)
+    assert policy(trainer_route.param_groups)["model.embed_tokens.weight"] == (None, 32, "adamw")
+
+
 def test_the_optimizer_follows_the_training_arguments(tmp_path: Path) -> None:
     model = tiny_llama()
     args = arguments(tmp_path, optim_target_modules=r"model\.layers\.\d+\.mlp\.(up|down)_proj", adam_beta2=0.95,

@@ -35,12 +35,13 @@ def run(c4_tokens: torch.Tensor, name: str, accumulation: int, layerwise: bool, 
     model = tiny_llama(hidden=32)
     optimizer = make_optimizer(model, name, layerwise, **kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - 0.1 * step)
-    updates = LayerwiseUpdates(optimizer) if layerwise else None
+    if layerwise:
+        LayerwiseUpdates(optimizer, accumulation)
     losses = []
     rows = iter(c4_tokens.split(MICRO_BATCH))
     for _ in range(STEPS):
         micro_batches = [{"input_ids": (ids := next(rows)), "labels": ids} for _ in range(accumulation)]
-        losses.append(train_step(model, optimizer, micro_batches, grad_clip=0.0, layerwise=updates))
+        losses.append(train_step(model, optimizer, micro_batches, grad_clip=0.0))
         scheduler.step()
     return losses, model, optimizer
 
@@ -75,12 +76,11 @@ def test_projected_gradients_are_freed_between_micro_batches(c4_tokens: torch.Te
     None after each micro-batch); after the last micro-batch no gradient is left at all."""
     model = tiny_llama(hidden=32)
     optimizer = make_optimizer(model, "galore_adamw", True)
-    updates = LayerwiseUpdates(optimizer)
+    LayerwiseUpdates(optimizer, accumulation=3)
     rows = iter(c4_tokens.split(MICRO_BATCH))
     projected = {id(p) for group in optimizer.param_groups if group["rank"] for p in group["params"]}
     for step in range(2):
         for k in range(3):
-            updates.last_micro_batch = k == 2
             ids = next(rows)
             model(input_ids=ids, labels=ids).loss.backward()
             if k < 2:
@@ -89,18 +89,18 @@ def test_projected_gradients_are_freed_between_micro_batches(c4_tokens: torch.Te
                     assert projected <= kept
                 else:
                     assert not projected & kept and kept, "projected weights must not hold full gradients"
-        updates.finish_step()
+        optimizer.step()
         assert all(p.grad is None for p in model.parameters())
 
 
 def test_forgetting_the_last_micro_batch_is_an_error(c4_tokens: torch.Tensor) -> None:
     model = tiny_llama(hidden=32)
-    updates = LayerwiseUpdates(make_optimizer(model, "osd_adamw", True))
-    updates.last_micro_batch = False
+    optimizer = make_optimizer(model, "osd_adamw", True)
+    LayerwiseUpdates(optimizer, accumulation=2)
     ids = c4_tokens[:2]
     model(input_ids=ids, labels=ids).loss.backward()
-    with pytest.raises(RuntimeError, match="last_micro_batch"):
-        updates.finish_step()
+    with pytest.raises(RuntimeError, match="did not step"):
+        optimizer.step()
 
 
 def test_layerwise_needs_a_subspace_optimizer() -> None:
@@ -113,7 +113,7 @@ def test_nonfinite_gradient_skips_only_that_weight_layerwise() -> None:
     optimizer = osd.SubspaceOptimizer(weights, lr=0.1, rule="sgd", projector="identity", nonfinite="skip")
     updates = LayerwiseUpdates(optimizer)
     (weights[0].sum() * float("nan") + weights[1].sum()).backward()
-    updates.finish_step()
+    optimizer.step()
     assert updates.skipped == 1
     assert torch.equal(weights[0], torch.ones(4, 4)) and not torch.equal(weights[1], torch.ones(4, 4))
 

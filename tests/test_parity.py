@@ -177,14 +177,14 @@ def test_osd_train_optimizer_args_reach_the_optimizer() -> None:
     argv = ["--optimizer", "golore_adamw", "--steps", "50", "--rank", "4", "--optimizer-args",
             "betas=(0.9,0.95),eps=1e-6,proj_type=left,svd_until=0.8,compat=osd_release,target_modules=('mlp',)"]
     config = config_from_args(build_parser().parse_args(argv))
-    optimizer, _ = build_optimizer(config, model)
+    optimizer = build_optimizer(config, model)
     projected = next(g for g in optimizer.param_groups if g["rank"] is not None)
     assert projected["betas"] == (0.9, 0.95) and projected["eps"] == 1e-6 and projected["proj_type"] == "left"
     assert projected["svd_until"] == 0.8 and projected["total_steps"] == 50
     assert projected["eps_placement"] == "hf" and projected["decay_after_update"]  # compat's, for the keys not given
     assert projected["param_names"] == ["mlp.weight"]
     config = TrainConfig(optimizer="osd_adamw", optimizer_args="proj_optimizer_args.weight_decay=0.1,max_lr=0.02")
-    projected = next(g for g in build_optimizer(config, model)[0].param_groups if g["rank"] is not None)
+    projected = next(g for g in build_optimizer(config, model).param_groups if g["rank"] is not None)
     assert projected["proj_optimizer_args"] == {"weight_decay": 0.1} and projected["max_lr"] == 0.02
     with pytest.raises(ConfigError, match=r"galore_adamw \(rule 'adamw', projector 'svd'\) takes no key 'alpha'|'alpha' has its own flag"):
         TrainConfig(optimizer="galore_adamw", optimizer_args="alpha=2")

@@ -10,7 +10,8 @@ One module per question, each with ``build_parser(parser)`` (its flags) and
   LLaMA, one pass over the C4 sample, several seeds, against the unigram entropy;
 - :mod:`osd.bench.convergence`: a smoke test: validation perplexity on C4 with ``osd.train.train``
   (nano preset, t5 vocabulary: embeddings dominate, so it cannot rank the optimizers);
-- :mod:`osd.bench.counterexample`: the GoLore paper's noisy quadratic, where GaLore stalls.
+- :mod:`osd.bench.counterexample`: the GoLore paper's noisy quadratic, where GaLore stalls;
+- :mod:`osd.bench.spread`: GaLore's SVD refresh steps under DDP, spread over the ranks or not.
 """
 
-BENCHMARKS = ("projection", "step", "quality", "convergence", "counterexample")
+BENCHMARKS = ("projection", "step", "quality", "convergence", "counterexample", "spread")
