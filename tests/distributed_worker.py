@@ -26,6 +26,7 @@ import torch.distributed as dist
 from osd import distributed
 from osd.models import build_model, llama_config
 from osd.presets import create_optimizer
+from osd.state_layout import PROJ, is_projected
 from osd.train import main
 
 
@@ -41,7 +42,7 @@ def check_replicas_job(out: str) -> None:
         optimizer.zero_grad()
     distributed.check_replicas(model, optimizer, parallel)  # equal so far: must not raise
     if parallel.rank == 1:
-        next(state["proj"] for state in optimizer.state.values() if "proj" in state)[0, 0] += 1e-6
+        next(state[PROJ] for state in optimizer.state.values() if is_projected(state))[0, 0] += 1e-6
     try:
         distributed.check_replicas(model, optimizer, parallel)
         message = None
