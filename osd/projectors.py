@@ -195,7 +195,17 @@ class RandomProjector(Projector):
 class OnlinePCAProjector(Projector):
     """Online Subspace Descent: ``P`` from the SVD of the first gradient, then one step of
     its own optimizer (``proj_optimizer``) every step on the online-PCA loss
-    ``||P P^T Gn - Gn||^2 + ortho_reg ||P^T P - I||^2`` with learning rate :func:`proj_lr`."""
+    ``||P P^T Gn - Gn||^2 + ortho_reg ||P^T P - I||^2`` with learning rate :func:`proj_lr`.
+
+    Keys: ``alpha`` (``lr_P = alpha * lr_W(t)``; paper: 5), ``ortho_reg`` (``lambda``;
+    paper: 0.1), ``proj_optimizer`` (``"adam"``, ``"adamw"``, ``"lion"``, ``"sgd"``,
+    ``"adafactor"``: :data:`osd.rules.PROJ_RULES`) with ``proj_optimizer_args`` overriding its
+    hyperparameters (e.g. ``{"weight_decay": wd}`` for the paper's ``lambda^P = lambda^W``;
+    default 0 with ``"adam"``: the paper's LLaMA runs use ``lambda^W = 0``, and decay pulls
+    ``P`` towards 0 against its orthonormality), ``proj_lr_rule`` (``"alpha"``, the paper, or
+    ``"released"``) and ``max_lr`` (the peak lr of ``"released"``; default the scheduler's
+    ``initial_lr``).
+    """
 
     name = "online_pca"
     method = "osd"
