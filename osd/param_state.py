@@ -99,8 +99,8 @@ def before_load(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) ->
         for group, saved in zip(optimizer.param_groups, state_dict["param_groups"]):
             for p, saved_id in zip(group["params"], saved["params"]):
                 _check_saved(group, p, state_dict["state"].get(saved_id, {}))
-    saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-    optimizer._saved_8bit = [state_layout.eight_bit_entries(state_dict["state"].get(i, {})) for i in saved_ids]
+    saved_ids = [i for group in state_dict.get("param_groups", []) for i in group.get("params", [])]
+    optimizer._saved_8bit = [state_layout.eight_bit_entries(state_dict.get("state", {}).get(i, {})) for i in saved_ids]
 
 
 def after_load(optimizer: torch.optim.Optimizer) -> None:
