@@ -81,7 +81,6 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         self.compat, self.nonfinite, self.skipped_steps = compat, nonfinite, 0
         self._group_of: dict[int, dict[str, Any]] = {}
         self._fallbacks: list[str] | None = []  # collected while __init__ adds the groups
-        self._saved_8bit: list[dict[str, Tensor]] = []  # kept by param_state.before_load for after_load
         super().__init__(params, defaults)
         fallbacks, self._fallbacks = self._fallbacks, None
         warn_full_rank(fallbacks)

@@ -5,6 +5,7 @@ loaded. The keys and the 8-bit storage: :mod:`osd.state_layout`.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -89,6 +90,10 @@ def _check_saved(group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> Non
     state_layout.check_shapes(state, expected, name)
 
 
+# The 8-bit tensors of the state dict being loaded, per optimizer, from before_load to after_load.
+_EIGHT_BIT: weakref.WeakKeyDictionary[torch.optim.Optimizer, list[dict[str, Tensor]]] = weakref.WeakKeyDictionary()
+
+
 def before_load(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
     """``load_state_dict`` pre-hook: refuse a state that does not fit (``ValueError`` naming the
     parameter, nothing loaded): one saved by another rule, projector, rank, orientation, bit
@@ -100,13 +105,12 @@ def before_load(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) ->
             for p, saved_id in zip(group["params"], saved["params"]):
                 _check_saved(group, p, state_dict["state"].get(saved_id, {}))
     saved_ids = [i for group in state_dict.get("param_groups", []) for i in group.get("params", [])]
-    optimizer._saved_8bit = [state_layout.eight_bit_entries(state_dict.get("state", {}).get(i, {})) for i in saved_ids]
+    _EIGHT_BIT[optimizer] = [state_layout.eight_bit_entries(state_dict.get("state", {}).get(i, {})) for i in saved_ids]
 
 
 def after_load(optimizer: torch.optim.Optimizer) -> None:
     """``load_state_dict`` post-hook: the 8-bit tensors as saved, on their parameter's device."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    saved, optimizer._saved_8bit = optimizer._saved_8bit, []
-    for p, entries in zip(params, saved):
+    for p, entries in zip(params, _EIGHT_BIT.pop(optimizer, [])):
         if entries:
             optimizer.state[p].update({key: value.to(device=p.device) for key, value in entries.items()})
