@@ -27,12 +27,12 @@ from typing import Any
 from torch import Tensor
 
 from osd import functional as F
+from osd.state_layout import COMPENSATION_NORM  # ||S_{t-1}||, the limiter's memory (a 0-d tensor)
 
 __all__ = ["COMPENSATIONS", "GRANULARITIES", "validate", "init_state", "update"]
 
 COMPENSATIONS = (None, "fira", "apollo")
 GRANULARITIES = ("channel", "tensor")
-STATE_KEY = "compensation_norm"  # ||S_{t-1}||, the limiter's memory (a 0-d tensor)
 
 
 def validate(group: dict[str, Any]) -> None:
@@ -49,7 +49,7 @@ def validate(group: dict[str, Any]) -> None:
 def init_state(state: dict[str, Any], group: dict[str, Any], G: Tensor) -> None:
     """The limiter's memory, for a projected weight with compensation on."""
     if group["compensation"] is not None:
-        state[STATE_KEY] = G.new_zeros((), dtype=G.dtype)
+        state[COMPENSATION_NORM] = G.new_zeros((), dtype=G.dtype)
 
 
 def update(state: dict[str, Any], group: dict[str, Any], P: Tensor, direction: Tensor, G: Tensor | None, R: Tensor) -> Tensor:
@@ -64,5 +64,5 @@ def update(state: dict[str, Any], group: dict[str, Any], P: Tensor, direction: T
         raise RuntimeError("compensation needs the full gradient, not a projected one")
     granularity, limit = group["compensation_granularity"], group["compensation_limit"]
     if mode == "fira":
-        return F.fira_update(P, direction, G, R, state[STATE_KEY], granularity, limit)
-    return F.apollo_update(direction, G, R, state[STATE_KEY], granularity, limit)
+        return F.fira_update(P, direction, G, R, state[COMPENSATION_NORM], granularity, limit)
+    return F.apollo_update(direction, G, R, state[COMPENSATION_NORM], granularity, limit)

@@ -43,7 +43,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from osd.sharded import full, keeps_shards
+from osd import state_layout
+from osd.sharded import full
 
 __all__ = [
     "Parallel",
@@ -221,7 +222,7 @@ def optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """Load an :func:`optimizer_state_dict`; under FSDP the state of sharded parameters that
-    their rule keeps sharded (:func:`osd.sharded.keeps_shards`; every tensor state of a torch
+    their rule keeps sharded (:func:`osd.state_layout.keeps_shards`; every tensor state of a torch
     optimizer) is split like its parameter again (no communication)."""
     optimizer.load_state_dict(saved)
     for group in optimizer.param_groups:
@@ -229,7 +230,7 @@ def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, saved: dict[str,
             state = optimizer.state.get(p)
             if not isinstance(p, DTensor) or not state:
                 continue
-            if "rule" in group and not keeps_shards(group["rule"], "rank" in state):
+            if not state_layout.keeps_shards(group, state):
                 continue
             for key, value in state.items():
                 if isinstance(value, Tensor) and not isinstance(value, DTensor) and value.shape == p.shape:

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 import torch
 
+from osd import state_layout
 from osd.optimizer import SubspaceOptimizer
 
 __all__ = ["PARTS", "activation_bytes", "estimate_memory", "state_bytes"]
@@ -32,23 +33,22 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     - ``moments``: the inner rule's state (``exp_avg``, ``exp_avg_sq``, Adafactor's factors,
       their 8-bit codes and block maxima, ...) and the compensation's limiter (one scalar
       per weight, :mod:`osd.compensation`);
-    - ``projection``: the projection matrices ``P`` (``state["proj"]``);
-    - ``proj_optimizer``: the state of ``P``'s own optimizer (``state["proj_*"]``, OSD) and
-      the gradient sketch of the ``sketch_pca`` projector (``state["proj_sketch"]``);
+    - ``projection``: the projection matrices ``P``;
+    - ``proj_optimizer``: the state of ``P``'s own optimizer (OSD) and the gradient sketch of
+      the ``sketch_pca`` projector;
     - ``total``: their sum.
 
-    Works for any ``torch.optim.Optimizer`` (a full-rank torch optimizer has only moments;
+    Which key is which: :func:`osd.state_layout.part`. Works for any ``torch.optim.Optimizer`` (a full-rank torch optimizer has only moments;
     its ``step`` tensors count there too). Counts ``numel * element_size`` of each tensor once.
     """
-    counts = {"moments": 0, "projection": 0, "proj_optimizer": 0}
+    counts = dict.fromkeys(state_layout.PARTS, 0)
     seen: set[int] = set()
     for param_state in optimizer.state.values():
         for key, value in param_state.items():
             if not isinstance(value, torch.Tensor) or id(value) in seen:
                 continue
             seen.add(id(value))
-            kind = "projection" if key == "proj" else "proj_optimizer" if key.startswith("proj_") else "moments"
-            counts[kind] += value.numel() * value.element_size()
+            counts[state_layout.part(key)] += value.numel() * value.element_size()
     counts["total"] = sum(counts.values())
     return counts
 

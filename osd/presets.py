@@ -16,6 +16,7 @@ from torch import nn
 
 from osd.param_groups import Targets, optimizer_groups
 from osd.optimizer import DEFAULT_LR, SUBSPACE_DEFAULTS, SubspaceOptimizer
+from osd.projectors import PROJECTORS
 from osd.rules import RULES
 
 __all__ = [
@@ -36,7 +37,8 @@ __all__ = [
     "create_optimizer",
 ]
 
-METHODS: dict[str, str] = {"osd": "online_pca", "galore": "svd", "golore": "random", "osd_sketch": "sketch_pca"}
+# Method name (the prefix of an optimizer name) -> projector, from the projectors themselves.
+METHODS: dict[str, str] = {projector.method: name for name, projector in PROJECTORS.items() if projector.method}
 
 
 # The conventions each method's named classes default to (see osd.compat): GaLore's and

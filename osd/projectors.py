@@ -2,15 +2,10 @@
 
 Every rule works on the gradient in canonical orientation (``G``: ``m x n``, ``P``:
 ``m x r``, see ``osd.functional``) and keeps all of its state as tensors and plain Python
-values inside the optimizer's per-parameter state, so ``state_dict()`` loads with
-``torch.load(weights_only=True)`` and a resumed run continues exactly:
-
-- ``state["proj"]``: ``P``;
-- ``state["transposed"]``: whether the weight was transposed into canonical orientation;
-- ``state["seed"]``: the parameter's seed for random draws;
-- ``state["basis_step"]``: (distributed runs only) the step whose ``P`` was computed ahead;
-- ``state["proj_*"]``: the state of ``P``'s own optimizer (online PCA only) and the
-  gradient sketch of ``sketch_pca`` (``state["proj_sketch"]``).
+values inside the optimizer's per-parameter state, under the keys of
+:mod:`osd.state_layout` (``P``, ``P``'s optimizer's state, the seed ...), so
+``state_dict()`` loads with ``torch.load(weights_only=True)`` and a resumed run continues
+exactly.
 
 A rule has two hooks around the weight update of step ``t`` (``state["step"]``, from 0):
 ``prepare`` runs before it (refresh ``P`` when due) and ``advance`` after it (move ``P``
@@ -28,6 +23,7 @@ from torch import Tensor
 
 from osd import functional as F
 from osd.rules import PROJ_RULES
+from osd.state_layout import BASIS_STEP, PROJ, PROJ_PREFIX, RANK, SEED, SKETCH, TRANSPOSED
 
 __all__ = ["Projector", "SVDProjector", "RandomProjector", "OnlinePCAProjector", "SketchedPCAProjector", "PROJECTORS", "get_projector", "proj_lr", "refresh_due"]
 
@@ -53,7 +49,7 @@ def refresh_due(state: dict[str, Any], group: dict[str, Any]) -> bool:
     """Whether ``P`` is to be recomputed (SVD / random) before the update of step ``state["step"]``:
     every ``update_proj_gap`` steps, unless ``state["basis_step"]`` says it already was for this
     step (by :func:`osd.spread.spread_refreshes`, which computes it on one rank and broadcasts it)."""
-    return state["step"] % group["update_proj_gap"] == 0 and state.get("basis_step") != state["step"]
+    return state["step"] % group["update_proj_gap"] == 0 and state.get(BASIS_STEP) != state["step"]
 
 
 SVD_METHODS = ("svd", "eigh", "randomized")
@@ -78,13 +74,13 @@ def _svd_or_fallback(G: Tensor, rank: int, state: dict[str, Any], group: dict[st
             return F.eigh_basis(G, rank)
         if method == "randomized":
             return F.randomized_basis(G, rank, group["svd_niter"], _generator(state, state["step"], _RANGE_FINDER))
-        if state["transposed"]:
+        if state[TRANSPOSED]:
             return F.svd_basis(G.mT, rank, side="right")
         return F.svd_basis(G, rank, side="left")
     except torch.linalg.LinAlgError as error:
         warnings.warn(f"SVD of a {tuple(G.shape)} gradient failed ({error}); keeping the previous projection")
-        if "proj" in state:
-            return state["proj"]
+        if PROJ in state:
+            return state[PROJ]
         return F.random_basis(G.shape[0], rank, _generator(state, 0), G.dtype, G.device)
 
 
@@ -93,20 +89,31 @@ _RANGE_FINDER = 1  # stream tag: the range finder's draws are independent of GoL
 
 def _generator(state: dict[str, Any], step: int, stream: int = 0) -> torch.Generator:
     """A CPU generator for this parameter, step and stream: the same on every device, rank and resume."""
-    seed = hash((state["seed"], step)) if stream == 0 else hash((state["seed"], step, stream))
+    seed = hash((state[SEED], step)) if stream == 0 else hash((state[SEED], step, stream))
     return torch.Generator().manual_seed(seed % (2**63))
 
 
 class Projector:
     """The identity: no projection. Used for full-rank parameters.
 
-    ``defaults``: the group keys this rule owns, with their defaults; the optimizer merges
-    them into its groups and refuses them in a group whose projector is another one.
+    Class attributes, the facts other modules read instead of keeping lists of names:
+
+    - ``name``: registry name (``projector=``);
+    - ``method``: the prefix of the named optimizers (``osd_adamw``, ...; :mod:`osd.presets`),
+      or None for no named family;
+    - ``projects``: whether it projects at all;
+    - ``moves_every_step``: ``advance`` moves ``P`` in place at every step but the first;
+    - ``refreshes_periodically``: ``prepare`` replaces ``P`` every ``update_proj_gap`` steps
+      (what :mod:`osd.spread` spreads over ranks);
+    - ``defaults``: the group keys this rule owns, with their defaults; the optimizer merges
+      them into its groups and refuses them in a group whose projector is another one.
     """
 
     name = "identity"
+    method: str | None = None
     projects = False
-    moves_every_step = False  # advance() moves P in place at every step but the first
+    moves_every_step = False
+    refreshes_periodically = False
     defaults: dict[str, Any] = {}
 
     def validate(self, group: dict[str, Any]) -> None:
@@ -134,11 +141,13 @@ class SVDProjector(Projector):
     """GaLore: ``P`` = top-``r`` singular vectors of the gradient every ``update_proj_gap`` steps."""
 
     name = "svd"
+    method = "galore"
     projects = True
+    refreshes_periodically = True
 
     def prepare(self, state: dict[str, Any], G: Tensor, group: dict[str, Any]) -> None:
         if refresh_due(state, group):
-            state["proj"] = _svd_or_fallback(G, state["rank"], state, group)
+            state[PROJ] = _svd_or_fallback(G, state[RANK], state, group)
 
     def needs_grad(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
         return state["step"] % group["update_proj_gap"] == 0
@@ -156,7 +165,9 @@ class RandomProjector(Projector):
     """
 
     name = "random"
+    method = "golore"
     projects = True
+    refreshes_periodically = True
     defaults: dict[str, Any] = {"svd_until": 0.0, "total_steps": None}
 
     def validate(self, group: dict[str, Any]) -> None:
@@ -171,9 +182,9 @@ class RandomProjector(Projector):
         if not refresh_due(state, group):
             return
         if group["svd_until"] > 0 and step < group["svd_until"] * group["total_steps"]:
-            state["proj"] = _svd_or_fallback(G, state["rank"], state, group)
+            state[PROJ] = _svd_or_fallback(G, state[RANK], state, group)
         else:
-            state["proj"] = F.random_basis(G.shape[0], state["rank"], _generator(state, step), G.dtype, G.device)
+            state[PROJ] = F.random_basis(G.shape[0], state[RANK], _generator(state, step), G.dtype, G.device)
 
     def needs_grad(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
         # A refresh step: P changes before the weight update, so micro-batch gradients
@@ -184,9 +195,20 @@ class RandomProjector(Projector):
 class OnlinePCAProjector(Projector):
     """Online Subspace Descent: ``P`` from the SVD of the first gradient, then one step of
     its own optimizer (``proj_optimizer``) every step on the online-PCA loss
-    ``||P P^T Gn - Gn||^2 + ortho_reg ||P^T P - I||^2`` with learning rate :func:`proj_lr`."""
+    ``||P P^T Gn - Gn||^2 + ortho_reg ||P^T P - I||^2`` with learning rate :func:`proj_lr`.
+
+    Keys: ``alpha`` (``lr_P = alpha * lr_W(t)``; paper: 5), ``ortho_reg`` (``lambda``;
+    paper: 0.1), ``proj_optimizer`` (``"adam"``, ``"adamw"``, ``"lion"``, ``"sgd"``,
+    ``"adafactor"``: :data:`osd.rules.PROJ_RULES`) with ``proj_optimizer_args`` overriding its
+    hyperparameters (e.g. ``{"weight_decay": wd}`` for the paper's ``lambda^P = lambda^W``;
+    default 0 with ``"adam"``: the paper's LLaMA runs use ``lambda^W = 0``, and decay pulls
+    ``P`` towards 0 against its orthonormality), ``proj_lr_rule`` (``"alpha"``, the paper, or
+    ``"released"``) and ``max_lr`` (the peak lr of ``"released"``; default the scheduler's
+    ``initial_lr``).
+    """
 
     name = "online_pca"
+    method = "osd"
     projects = True
     moves_every_step = True
     defaults: dict[str, Any] = {
@@ -223,9 +245,9 @@ class OnlinePCAProjector(Projector):
         rule.validate(self._proj_rule(group)[1])
 
     def init_state(self, state: dict[str, Any], G: Tensor, rank: int, group: dict[str, Any]) -> None:
-        state["proj"] = _svd_or_fallback(G, rank, state, group)
+        state[PROJ] = _svd_or_fallback(G, rank, state, group)
         rule, hparams = self._proj_rule(group)
-        state.update(rule.init_state(state["proj"], hparams, "proj_"))
+        state.update(rule.init_state(state[PROJ], hparams, PROJ_PREFIX))
 
     def advance(self, state: dict[str, Any], G: Tensor, R: Tensor, grad_norm: Tensor, group: dict[str, Any]) -> None:
         """Move ``P`` by one step of its optimizer, except on the step whose gradient initialised it.
@@ -240,17 +262,17 @@ class OnlinePCAProjector(Projector):
             return
         # A zero gradient leaves only the orthonormality term: clamp instead of branching on
         # the norm, which would synchronise with the device.
-        self._step_P(state, F.online_pca_grad(state["proj"], G, group["ortho_reg"], R=R, grad_norm=grad_norm.clamp_min(1e-30)), group)
+        self._step_P(state, F.online_pca_grad(state[PROJ], G, group["ortho_reg"], R=R, grad_norm=grad_norm.clamp_min(1e-30)), group)
 
     def _step_P(self, state: dict[str, Any], loss_grad: Tensor, group: dict[str, Any]) -> None:
         """One step of ``P``'s optimizer on the online-PCA gradient ``loss_grad``."""
-        P = state["proj"]
+        P = state[PROJ]
         rule, hparams = self._proj_rule(group)
         lr = proj_lr(group)
         if rule.torch_step is not None and rule.torch_step_allows(hparams):
-            rule.torch_step([P], [loss_grad], [state], hparams, lr, [state["step"]], "proj_")  # one fused pass
+            rule.torch_step([P], [loss_grad], [state], hparams, lr, [state["step"]], PROJ_PREFIX)  # one fused pass
             return
-        direction = rule.direction(loss_grad, state, hparams, state["step"], "proj_")
+        direction = rule.direction(loss_grad, state, hparams, state["step"], PROJ_PREFIX)
         if hparams["weight_decay"]:
             P.mul_(1.0 - lr * hparams["weight_decay"])
         P.add_(direction, alpha=-lr)
@@ -280,6 +302,7 @@ class SketchedPCAProjector(OnlinePCAProjector):
     """
 
     name = "sketch_pca"
+    method = "osd_sketch"
     defaults: dict[str, Any] = {**OnlinePCAProjector.defaults, "sketch_beta": 0.99, "sketch_size": None}
 
     def validate(self, group: dict[str, Any]) -> None:
@@ -293,21 +316,21 @@ class SketchedPCAProjector(OnlinePCAProjector):
     def init_state(self, state: dict[str, Any], G: Tensor, rank: int, group: dict[str, Any]) -> None:
         super().init_state(state, G, rank, group)
         size = group["sketch_size"] or 2 * rank
-        state["proj_sketch"] = G.new_zeros(G.shape[0], min(size, G.shape[1]))
+        state[SKETCH] = G.new_zeros(G.shape[0], min(size, G.shape[1]))
 
     def advance(self, state: dict[str, Any], G: Tensor, R: Tensor, grad_norm: Tensor, group: dict[str, Any]) -> None:
         """Fold ``G Omega`` into the sketch; from the second step on, move ``P`` towards its span."""
-        S = state["proj_sketch"]
+        S = state[SKETCH]
         omega = torch.randn(G.shape[1], S.shape[1], generator=_generator(state, -1), dtype=torch.float32)
         omega = omega.to(device=G.device, dtype=G.dtype).div_(S.shape[1] ** 0.5)
         S.lerp_(G @ omega, 1.0 - group["sketch_beta"])
         if state["step"] == 0:
             return
-        self._step_P(state, F.online_pca_grad(state["proj"], S, group["ortho_reg"], grad_norm=S.norm().clamp_min(1e-30)), group)
+        self._step_P(state, F.online_pca_grad(state[PROJ], S, group["ortho_reg"], grad_norm=S.norm().clamp_min(1e-30)), group)
 
 
 PROJECTORS: dict[str, Projector] = {
-    p.name: p for p in (Projector(), SVDProjector(), RandomProjector(), OnlinePCAProjector(), SketchedPCAProjector())
+    p.name: p for p in (Projector(), OnlinePCAProjector(), SVDProjector(), RandomProjector(), SketchedPCAProjector())
 }
 
 

@@ -48,6 +48,7 @@ class UpdateRule:
         init_state: ``(like, hparams, prefix) -> {key: zeros}``, the state for a gradient
             shaped like ``like``.
         direction: ``(grad, state, hparams, step, prefix) -> D``; ``step`` counts from 1.
+        default_lr: the weights' peak learning rate when none is given (README: Defaults).
         finalize: ``(update, scale, hparams) -> (update, scale)``, applied to the full-size
             update after projecting back, with the factor ``scale`` the caller will apply
             (GaLore's ``scale``; 1 for full-rank weights). The identity for all rules but Lion
@@ -60,6 +61,8 @@ class UpdateRule:
             ``nonnegative_states``.
         matrices_only: the rule works on 2-D tensors only (Muon); other parameters need a
             group with another rule.
+        elementwise: the update of an entry depends on that entry (and its state) alone, so
+            a rank can step its shard of a sharded (FSDP2) parameter (:mod:`osd.sharded`).
         finalizes: whether ``finalize`` is more than the identity with these hyperparameters
             (else the caller may fuse projecting back into the weight update).
         torch_step: ``(params, grads, states, hparams, lr, steps, prefix) -> None``: the
@@ -75,10 +78,12 @@ class UpdateRule:
     validate: Callable[[dict[str, Any]], None]
     init_state: Callable[[Tensor, dict[str, Any], str], dict[str, Tensor]]
     direction: Callable[[Tensor, dict[str, Tensor], dict[str, Any], int, str], Tensor]
+    default_lr: float
     finalize: Callable[[Tensor, float, dict[str, Any]], tuple[Tensor, float]] = lambda update, scale, hparams: (update, scale)
     nonnegative_states: tuple[str, ...] = ()
     basis_states: tuple[str, ...] = ()
     matrices_only: bool = False
+    elementwise: bool = False
     torch_step: Callable[..., None] | None = None
     finalizes: Callable[[dict[str, Any]], bool] = lambda hparams: False
     torch_step_allows: Callable[[dict[str, Any]], bool] = lambda hparams: False
@@ -152,10 +157,12 @@ ADAMW = UpdateRule(
     validate=_adamw_validate,
     init_state=_adamw_init,
     direction=_adamw_direction,
+    default_lr=1e-2,  # with scale 0.25: GaLore's LLaMA-on-C4 recipe
     nonnegative_states=("exp_avg_sq",),
     basis_states=("exp_avg", "exp_avg_sq"),
     torch_step=_adamw_torch_step,
     torch_step_allows=_torch_kernels_compute,
+    elementwise=True,
 )
 
 
@@ -197,9 +204,11 @@ LION = UpdateRule(
     validate=_lion_validate,
     init_state=_lion_init,
     direction=_lion_direction,
+    default_lr=2e-3,  # Lion takes a 3-10x smaller lr than AdamW (Chen et al., 2023)
     finalize=_lion_finalize,
     basis_states=("exp_avg",),
     finalizes=lambda h: h["sign_space"] != "subspace",
+    elementwise=True,
 )
 
 
@@ -240,6 +249,7 @@ ADAFACTOR = UpdateRule(
     validate=_adafactor_validate,
     init_state=_adafactor_init,
     direction=_adafactor_direction,
+    default_lr=1e-2,  # GaLore's recipe, as AdamW
     nonnegative_states=("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"),
     basis_states=("exp_avg", "exp_avg_sq_row"),  # exp_avg_sq_col is per column of R: no basis
 )
@@ -272,7 +282,9 @@ SGD = UpdateRule(
     validate=_sgd_validate,
     init_state=_sgd_init,
     direction=_sgd_direction,
+    default_lr=0.1,  # a gradient-sized step
     basis_states=("momentum_buffer",),
+    elementwise=True,
 )
 
 
@@ -306,6 +318,7 @@ MUON = UpdateRule(
     validate=_muon_validate,
     init_state=_muon_init,
     direction=_muon_direction,
+    default_lr=1e-2,  # the "rms" scale gives AdamW-sized updates, so AdamW's lr carries over (Liu et al., 2025)
     basis_states=("momentum_buffer",),
     matrices_only=True,
 )

@@ -13,7 +13,7 @@ gradient ``G`` are DTensors split by rows across the ``w`` ranks: a rank holds `
   (freed after the weight is updated), and the low-rank state (``P``: ``m r``, AdamW
   moments ``2 r n``) replicated on every rank rather than split ``w`` ways.
 * A **full-rank** parameter (embeddings, ``lm_head``, norms) under an elementwise rule
-  (AdamW, Lion, SGD) needs nothing from other ranks: the rule runs on the local shard and its
+  (AdamW, Lion, SGD: ``UpdateRule.elementwise``) needs nothing from other ranks: the rule runs on the local shard and its
   state is sharded like the parameter (:func:`keeps_shards`). Adafactor's factored second
   moment averages over rows and columns, so it takes the gathered route as well.
 """
@@ -23,15 +23,15 @@ from __future__ import annotations
 from torch import Tensor
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-__all__ = ["ELEMENTWISE_RULES", "full", "keeps_shards", "like_param"]
+from osd.rules import get_rule
 
-# Inner rules whose update of an entry depends on that entry alone.
-ELEMENTWISE_RULES = frozenset({"adamw", "lion", "sgd"})
+__all__ = ["full", "keeps_shards", "like_param"]
 
 
 def keeps_shards(rule: str, projected: bool) -> bool:
-    """Whether a parameter's gradient and rule state stay sharded (else: gathered, replicated)."""
-    return not projected and rule in ELEMENTWISE_RULES
+    """Whether a parameter's gradient and rule state stay sharded (else: gathered, replicated):
+    a full-rank parameter whose rule is elementwise (:attr:`osd.rules.UpdateRule.elementwise`)."""
+    return not projected and get_rule(rule).elementwise
 
 
 def full(tensor: Tensor) -> Tensor:

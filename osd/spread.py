@@ -25,10 +25,11 @@ from torch.utils.hooks import RemovableHandle
 
 from osd import sharded
 from osd.projectors import PROJECTORS, refresh_due
+from osd.state_layout import BASIS_STEP, PROJ, canonical, is_projected
 
 __all__ = ["spread_refreshes", "spread_svd"]
 
-SPREAD_PROJECTORS = ("svd", "random")
+SPREAD_PROJECTORS = tuple(name for name, projector in PROJECTORS.items() if projector.refreshes_periodically)
 
 
 def spread_svd(optimizer: torch.optim.Optimizer, rank: int | None = None, world_size: int | None = None) -> RemovableHandle | None:
@@ -59,21 +60,21 @@ def spread_refreshes(optimizer: torch.optim.Optimizer, rank: int, world_size: in
             continue  # a weight with moment transport needs its old P at the refresh: not spread
         for p in group["params"]:
             state = optimizer.state.get(p)
-            if p.grad is not None and state and "rank" in state and refresh_due(state, group):
+            if p.grad is not None and state and is_projected(state) and refresh_due(state, group):
                 due.append((group, p, state))
     owned, finite = [], []
     for i, (group, p, state) in enumerate(due):
         grad = sharded.full(p.grad)  # collective under FSDP: every rank, every due weight
         finite.append(bool(torch.isfinite(grad).all()))
         if i % world_size == rank and finite[-1]:
-            owned.append((group, state, grad.mT if state["transposed"] else grad))
+            owned.append((group, state, canonical(state, grad)))
     for group, state, G in owned:
         PROJECTORS[group["projector"]].prepare(state, G, group)
     for _, _, state in due:  # gloo and NCCL broadcast contiguous tensors only
-        state["proj"] = state["proj"].contiguous()
-    works = [dist.broadcast(state["proj"], src=i % world_size, async_op=True) for i, (_, _, state) in enumerate(due)]
+        state[PROJ] = state[PROJ].contiguous()
+    works = [dist.broadcast(state[PROJ], src=i % world_size, async_op=True) for i, (_, _, state) in enumerate(due)]
     for work in works:
         work.wait()
     for (_, _, state), ok in zip(due, finite):
         if ok:  # else the optimizer raises or skips the step, and a retry refreshes P itself
-            state["basis_step"] = state["step"]
+            state[BASIS_STEP] = state["step"]

@@ -32,6 +32,7 @@ from typing import Any, Iterator
 
 from osd import functional as F
 from osd.rules import UpdateRule
+from osd.state_layout import MOMENTS_ORIGIN, PROJ
 
 __all__ = ["MOMENT_TRANSPORTS", "validate", "rule_step", "transporting"]
 
@@ -54,31 +55,31 @@ def validate(group: dict[str, Any], moves_every_step: bool) -> None:
 
 def rule_step(state: dict[str, Any]) -> int:
     """The inner rule's step count (from 1): the parameter's, or since the last reset."""
-    return state["step"] + 1 - state.get("moments_origin", 0)
+    return state["step"] + 1 - state.get(MOMENTS_ORIGIN, 0)
 
 
 @contextlib.contextmanager
 def transporting(state: dict[str, Any], group: dict[str, Any], rule: UpdateRule, in_place: bool = False) -> Iterator[None]:
-    """Around a projector hook: if ``P`` (``state["proj"]``) moved inside the block, bring the
+    """Around a projector hook: if ``P`` (``state[PROJ]``) moved inside the block, bring the
     rule's state into the new basis. ``in_place``: the hook changes ``P`` in place (online PCA),
     so a copy of the old ``P`` is kept for the block; otherwise a move is a new tensor
     (SVD / random refreshes)."""
     mode = group["moment_transport"]
-    P_old = state.get("proj")
+    P_old = state.get(PROJ)
     if mode is None or P_old is None:
         yield
         return
     if in_place:
         P_old = P_old.clone()
     yield
-    P_new = state["proj"]
+    P_new = state[PROJ]
     if not in_place and P_new is P_old:
         return
     if mode == "reset":
         for key in rule.basis_states + rule.nonnegative_states:
             if key in state:
                 state[key].zero_()
-        state["moments_origin"] = state["step"]
+        state[MOMENTS_ORIGIN] = state["step"]
         return
     C = F.transport_matrix(P_old, P_new)
     for key in rule.basis_states:

@@ -30,6 +30,7 @@ from osd import distributed
 from osd.hf import create_trainer_optimizer
 from osd.models import build_model, llama_config
 from osd.presets import create_optimizer
+from osd.state_layout import PROJ, is_projected
 from osd.train import main
 
 
@@ -45,7 +46,7 @@ def check_replicas_job(out: str) -> None:
         optimizer.zero_grad()
     distributed.check_replicas(model, optimizer, parallel)  # equal so far: must not raise
     if parallel.rank == 1:
-        next(state["proj"] for state in optimizer.state.values() if "proj" in state)[0, 0] += 1e-6
+        next(state[PROJ] for state in optimizer.state.values() if is_projected(state))[0, 0] += 1e-6
     try:
         distributed.check_replicas(model, optimizer, parallel)
         message = None

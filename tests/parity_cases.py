@@ -11,6 +11,7 @@ import torch
 
 import osd
 from osd.schedule import warmup_cosine_factor
+from osd.state_layout import PROJ
 from tests.helpers import gradient_stream, relative_error
 from tests.reference_osd_release import ReleasedOSD
 
@@ -76,4 +77,4 @@ def osd_release_errors(rule: str, shape: tuple[int, int], steps: int = 30) -> tu
         p0 = reference.basis.clone() if p0 is None else p0
     orient = (lambda B: B.T) if reference.columns else (lambda B: B)
     P_ref, P_start = orient(reference.basis), orient(p0)
-    return relative_error(ours.detach(), ref_w, w0), relative_error(opt.state[ours]["proj"], P_ref, P_start), (P_ref - P_start).norm().item()
+    return relative_error(ours.detach(), ref_w, w0), relative_error(opt.state[ours][PROJ], P_ref, P_start), (P_ref - P_start).norm().item()

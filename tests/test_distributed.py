@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from osd.config import ConfigError, TrainConfig
+from osd.state_layout import BASIS_STEP, is_projected
 from osd.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +113,7 @@ def test_ddp_matches_a_single_process_with_the_same_global_batch(runs: Path, nam
 def basis_steps(run_dir: Path) -> set:
     """``basis_step`` of every projected weight in a run's final checkpoint (None: never spread)."""
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)["optimizer"]["state"]
-    return {entry.get("basis_step") for entry in state.values() if "proj" in entry}
+    return {entry.get(BASIS_STEP) for entry in state.values() if is_projected(entry)}
 
 
 def test_spreading_the_svd_refreshes_over_ranks_changes_nothing(runs: Path) -> None:

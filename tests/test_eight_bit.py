@@ -13,6 +13,7 @@ import torch
 
 import osd
 from osd import quantization
+from osd.state_layout import PROJ, eight_bit_keys, is_8bit
 from tests.helpers import tiny_llama
 
 pytest.importorskip("torchao", reason="8-bit states use torchao's quantisation kernels")
@@ -58,7 +59,7 @@ def test_eight_bit_states_take_a_quarter_of_the_bytes() -> None:
         opt.step()
         sizes[bits] = osd.state_bytes(opt)
         keys = set(opt.state[weight])
-        assert ("exp_avg:codes" in keys) == (bits == 8) and "proj" in keys
+        assert (eight_bit_keys("exp_avg")[0] in keys) == (bits == 8) and PROJ in keys
     assert sizes[8]["moments"] < 0.27 * sizes[32]["moments"]
     assert sizes[8]["proj_optimizer"] < 0.27 * sizes[32]["proj_optimizer"]
     assert sizes[8]["projection"] == sizes[32]["projection"]  # P itself stays float32
@@ -79,8 +80,8 @@ def test_eight_bit_states_train_like_float32(name: str, c4_tokens: torch.Tensor)
         losses[bits] = train_then_evaluate(model, opt, train, held_out, steps=20)
         if bits == 8:
             embedding = model.get_input_embeddings().weight
-            assert "exp_avg:codes" not in opt.state[embedding], "embedding states must stay float32"
-            assert all(any(k.endswith(":codes") for k in s) for p, s in opt.state.items() if p is not embedding and p.dim() == 2)
+            assert eight_bit_keys("exp_avg")[0] not in opt.state[embedding], "embedding states must stay float32"
+            assert all(any(is_8bit(k) for k in s) for p, s in opt.state.items() if p is not embedding and p.dim() == 2)
     assert losses[8] < initial - 1.0, losses
     assert losses[8] == pytest.approx(losses[32], abs=0.15), losses
 
@@ -92,9 +93,10 @@ def test_block_maxima_stay_float32_when_loading_into_bf16_weights() -> None:
     opt.step()
     fresh = osd.SubspaceOptimizer([weight], lr=1e-3, optim_bits=8, min_8bit_size=0)
     fresh.load_state_dict(opt.state_dict())
-    assert fresh.state[weight]["exp_avg:absmax"].dtype == torch.float32
-    assert fresh.state[weight]["exp_avg:codes"].dtype == torch.uint8 and fresh.state[weight]["exp_avg:shape"].dtype == torch.int64
-    assert torch.equal(fresh.state[weight]["exp_avg:absmax"], opt.state[weight]["exp_avg:absmax"])
+    codes, absmax, shape = eight_bit_keys("exp_avg")
+    assert fresh.state[weight][absmax].dtype == torch.float32
+    assert fresh.state[weight][codes].dtype == torch.uint8 and fresh.state[weight][shape].dtype == torch.int64
+    assert torch.equal(fresh.state[weight][absmax], opt.state[weight][absmax])
 
 
 @pytest.mark.parametrize("bad", [{"optim_bits": 4}, {"optim_bits": True}, {"min_8bit_size": -1}, {"max_grad_norm": 0.0}])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import osd
+from osd.state_layout import is_projected
 from tests.helpers import gradient_stream, relative_error
 
 
@@ -34,7 +35,7 @@ def test_full_rank_adamw_equals_torch_adamw(full_rank_via: str) -> None:
     run(opt, ours, grads)
     run(ref_opt, ref, grads)
     assert relative_error(ours.detach(), ref.detach(), w0) < 1e-6
-    assert "proj" not in opt.state[ours]
+    assert not is_projected(opt.state[ours])
 
 
 def test_full_rank_sgd_momentum_equals_torch_sgd() -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import osd
+from osd.state_layout import PROJ, is_projected
 
 
 def matrix(shape=(8, 12), seed: int = 0) -> torch.nn.Parameter:
@@ -67,6 +68,10 @@ def test_rule_specific_errors() -> None:
         osd.OSDAdafactor([matrix()], betas=(0.9, 0.99))
     with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) \['bettas'\] for rule 'adafactor'"):
         osd.OSDAdafactor([matrix()], bettas=(0.9, 0.99))
+    opt = osd.GaLoreAdamW([matrix()])
+    with pytest.raises(TypeError, match=r"param group: unknown hyperparameter\(s\) \['rnak'\] for rule 'adamw' and projector 'svd'"):
+        opt.add_param_group({"params": [matrix(seed=1)], "rnak": 2})
+    opt.add_param_group({"params": [matrix(seed=1)], "rank": 2, "initial_lr": 1e-3})  # what LR schedulers record is taken
     with pytest.raises(ValueError, match="unknown optimizer 'osd_adam'"):
         osd.create_optimizer(torch.nn.Linear(4, 4), "osd_adam", lr=1e-3, rank=2)
     with pytest.raises(ValueError, match=r"fused=True is not supported.*no fused kernel"):
@@ -95,7 +100,7 @@ def test_non_2d_parameter_in_rank_group_falls_back_to_full_rank_with_a_warning()
     assert "they train full-rank" in str(caught[0].message)
     vector.grad, conv.grad = torch.randn(6), torch.randn(4, 3, 2, 2)
     opt.step()
-    assert opt.state[conv]["exp_avg"].shape == conv.shape and "proj" not in opt.state[conv]
+    assert opt.state[conv]["exp_avg"].shape == conv.shape and not is_projected(opt.state[conv])
 
 
 def test_torch_optim_conventions() -> None:
@@ -150,12 +155,12 @@ def test_nonfinite_gradient_skip_policy_skips_the_whole_step() -> None:
     opt = osd.OSDAdamW([{"params": [good, poisoned], "rank": 3}], lr=1e-2, nonfinite="skip")
     good.grad, poisoned.grad = torch.randn(8, 12), torch.randn(8, 12)
     opt.step()
-    snapshot = [p.detach().clone() for p in (good, poisoned)], [opt.state[p]["proj"].clone() for p in (good, poisoned)]
+    snapshot = [p.detach().clone() for p in (good, poisoned)], [opt.state[p][PROJ].clone() for p in (good, poisoned)]
     good.grad, poisoned.grad = torch.randn(8, 12), torch.full((8, 12), float("nan"))
     opt.step()
     assert opt.skipped_steps == 1
     for p, weight, proj in zip((good, poisoned), *snapshot):
-        assert torch.equal(p, weight) and torch.equal(opt.state[p]["proj"], proj) and opt.state[p]["step"] == 1
+        assert torch.equal(p, weight) and torch.equal(opt.state[p][PROJ], proj) and opt.state[p]["step"] == 1
     poisoned.grad = torch.randn(8, 12)
     opt.step()
     assert all(torch.isfinite(p).all() and opt.state[p]["step"] == 2 for p in (good, poisoned))
@@ -169,4 +174,4 @@ def test_rank_at_least_the_smaller_side_is_exact_full_rank() -> None:
             opt = osd.GaLoreAdamW([{"params": [param], "rank": rank}], lr=1e-2)
             param.grad = torch.randn(8, 12)
             opt.step()
-            assert "proj" not in opt.state[param] and opt.state[param]["exp_avg"].shape == (8, 12)
+            assert not is_projected(opt.state[param]) and opt.state[param]["exp_avg"].shape == (8, 12)

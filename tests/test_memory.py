@@ -15,6 +15,7 @@ import torch
 
 from osd.config import TrainConfig
 from osd.memory import state_bytes
+from osd.state_layout import is_8bit
 from osd.memory_report import estimate, main
 from osd.train import build_optimizer, build_training_model, train_step
 
@@ -57,7 +58,7 @@ def test_estimate_equals_the_allocated_bytes(optimizer: str, layerwise: bool, bi
     for part in ("moments", "projection", "proj_optimizer"):
         assert actual[part] == expected[part], f"{part}: allocated {actual[part]}, estimated {expected[part]}"
     if bits == 8:
-        assert any(k.endswith(":codes") for s in opt.state.values() for k in s)
+        assert any(is_8bit(k) for s in opt.state.values() for k in s)
 
 
 def test_subspace_states_are_smaller_and_checkpointing_keeps_fewer_activations() -> None:

@@ -9,6 +9,7 @@ import torch
 
 import osd
 from osd.functional import online_pca_grad, online_pca_loss, principal_angles
+from osd.state_layout import PROJ, PROJ_PREFIX
 
 
 @pytest.mark.parametrize("shape,rank", [((12, 30), 3), ((30, 12), 5), ((16, 16), 16)])
@@ -54,7 +55,7 @@ def test_online_pca_tracks_a_planted_subspace_and_its_jump(shape: tuple[int, int
     for seed in (10, 11):
         planted = _planted_basis(small, rank, seed)
         phase(planted, 300)
-        P = opt.state[param]["proj"]
+        P = opt.state[param][PROJ]
         assert P.shape == (small, rank)
         angle = math.degrees(principal_angles(P, planted).max())
         assert angle < 5.0, f"P is {angle:.1f} degrees from the planted subspace"
@@ -71,7 +72,7 @@ def test_online_pca_moves_p_every_step_and_svd_only_at_refresh() -> None:
         for grad in grads:
             param.grad = grad
             opt.step()
-            history.append(opt.state[param]["proj"].clone())
+            history.append(opt.state[param][PROJ].clone())
         projections[cls.__name__] = history
     osd_history, galore_history = projections["OSDAdamW"], projections["GaLoreAdamW"]
     assert all(not torch.equal(a, b) for a, b in zip(osd_history, osd_history[1:]))
@@ -89,14 +90,14 @@ def test_osd_weight_update_uses_p_before_its_update() -> None:
     expected = -0.1 * U @ (U.mT @ grad)
     torch.testing.assert_close(param.detach(), expected, rtol=1e-5, atol=1e-6)
     # P is not stepped on the gradient that initialised it: still the SVD basis, bit for bit.
-    assert torch.equal(opt.state[param]["proj"], U.contiguous())
+    assert torch.equal(opt.state[param][PROJ], U.contiguous())
     # From step 1 on, P moves, with the weights updated by P_1 before it does.
-    P1 = opt.state[param]["proj"].clone()
+    P1 = opt.state[param][PROJ].clone()
     param.grad = torch.randn(10, 30, generator=torch.Generator().manual_seed(4))
     before = param.detach().clone()
     opt.step()
     torch.testing.assert_close(param.detach() - before, -0.1 * P1 @ (P1.mT @ param.grad), rtol=1e-5, atol=1e-6)
-    assert not torch.equal(opt.state[param]["proj"], P1)
+    assert not torch.equal(opt.state[param][PROJ], P1)
 
 
 def test_p_optimizer_counts_its_own_steps() -> None:
@@ -108,12 +109,12 @@ def test_p_optimizer_counts_its_own_steps() -> None:
     param.grad = torch.randn(12, 40, generator=gen)
     opt.step()
     state = opt.state[param]
-    assert state["proj_exp_avg"].abs().max() == 0 and state["proj_exp_avg_sq"].abs().max() == 0
-    P0 = state["proj"].clone()
+    assert state[PROJ_PREFIX + "exp_avg"].abs().max() == 0 and state[PROJ_PREFIX + "exp_avg_sq"].abs().max() == 0
+    P0 = state[PROJ].clone()
     param.grad = torch.randn(12, 40, generator=gen)
     opt.step()
     # Adam's first step with bias correction: |delta| = lr_P * |g| / (|g| + eps) <= lr_P.
-    delta = (state["proj"] - P0).abs()
+    delta = (state[PROJ] - P0).abs()
     assert delta.max().item() == pytest.approx(5e-3, rel=1e-3)
 
 

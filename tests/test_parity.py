@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import osd
+from osd.state_layout import PROJ
 from tests import parity_cases as cases
 from tests.helpers import gradient_stream, relative_error
 
@@ -133,7 +134,7 @@ def test_golore_schedule_svd_until_then_random() -> None:
         opt.step()
         if step % 2 == 0:
             svd = torch.linalg.svd(grad, full_matrices=False)[0][:, :3]
-            is_svd = torch.allclose(opt.state[param]["proj"].abs(), svd.abs(), atol=1e-5)
+            is_svd = torch.allclose(opt.state[param][PROJ].abs(), svd.abs(), atol=1e-5)
             assert is_svd == (step < 8), f"step {step}"
 
 
@@ -147,10 +148,10 @@ def test_p_weight_decay_as_the_paper_recommends() -> None:
         opt = osd.OSDAdamW([{"params": [param], "rank": 3}], lr=1e-2, weight_decay=0.1, proj_optimizer_args={"weight_decay": wd})
         param.grad = grads[0]
         opt.step()
-        before = opt.state[param]["proj"].clone()
+        before = opt.state[param][PROJ].clone()
         param.grad = grads[1]
         opt.step()
-        results[wd] = (before, opt.state[param]["proj"].clone())
+        results[wd] = (before, opt.state[param][PROJ].clone())
     (b0, a0), (b1, a1) = results[0.0], results[0.1]
     torch.testing.assert_close(b0, b1)
     torch.testing.assert_close(a1, a0 - 5 * 1e-2 * 0.1 * b0, rtol=1e-5, atol=1e-7)

@@ -7,6 +7,7 @@ import torch
 
 import osd
 from osd import functional as F
+from osd.state_layout import PROJ
 from tests.helpers import gradient_stream
 
 
@@ -55,7 +56,7 @@ def test_svd_method_gives_the_exact_subspace_up_to_its_accuracy(projector: str, 
         opt = osd.SubspaceOptimizer([{"params": [w], "rank": 6}], lr=1e-3, projector=projector, svd_method=method)
         w.grad = G.clone()
         opt.step()
-        bases[method] = opt.state[w]["proj"]
+        bases[method] = opt.state[w][PROJ]
     # OSD's P has taken one online-PCA step after its initialisation: compare more loosely.
     assert F.principal_angles(bases["svd"], bases[svd_method]).max() < (0.05 if projector == "online_pca" else 1e-3)
 

@@ -26,6 +26,7 @@ import torch
 import osd
 from osd import checkpoint
 from osd.train import main
+from osd.state_layout import PROJ, PROJ_PREFIX, is_projected
 
 pytest.importorskip("transformers")
 
@@ -308,8 +309,8 @@ def damage(path: Path, how: str, runs: dict[str, Path]) -> None:
         torch.save({**saved, "optimizer": checkpoint.load(runs["osd8"] / "checkpoint.pt")["optimizer"]}, path)
     elif how == "nan-in-p":
         optimizer = saved["optimizer"]
-        state = next(s for s in optimizer["state"].values() if "proj" in s)
-        state["proj"][0, 0] = float("nan")
+        state = next(s for s in optimizer["state"].values() if is_projected(s))
+        state[PROJ][0, 0] = float("nan")
         torch.save(saved, path)
     elif how == "config-not-a-dict":
         torch.save({**saved, "config": "osd_adamw"}, path)
@@ -507,7 +508,7 @@ def stepped(optimizer_class: type, params: list[torch.nn.Parameter], steps: int 
 
 
 def nan_in_p(state: dict) -> dict:
-    state["state"][0]["proj"][0, 0] = float("nan")
+    state["state"][0][PROJ][0, 0] = float("nan")
     return state
 
 
@@ -542,7 +543,7 @@ def torch_adamw(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     return optimizer
 
 
-@pytest.mark.parametrize("key", ["proj", "exp_avg_sq", "proj_exp_avg"])
+@pytest.mark.parametrize("key", [PROJ, "exp_avg_sq", PROJ_PREFIX + "exp_avg"])
 def test_load_state_dict_refuses_non_finite_state(key: str) -> None:
     state = stepped(osd.OSDAdamW, [matrix()]).state_dict()
     state["state"][0][key].view(-1)[0] = float("inf")
@@ -554,7 +555,7 @@ def test_the_same_optimizers_state_still_loads_and_continues_exactly() -> None:
     a = stepped(osd.OSDAdamW, [matrix()], 3)
     b = stepped(osd.OSDAdamW, [matrix()], 0)
     b.load_state_dict(a.state_dict())
-    assert all(torch.equal(a.state_dict()["state"][0][k], b.state_dict()["state"][0][k]) for k in ("proj", "exp_avg"))
+    assert all(torch.equal(a.state_dict()["state"][0][k], b.state_dict()["state"][0][k]) for k in (PROJ, "exp_avg"))
 
 
 @pytest.mark.parametrize("hidden,expected", [(64, "all projected weights"), (192, "3 of the 7 projected weights")], ids=["all", "some"])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import osd
+from osd.state_layout import PROJ, is_projected
 from tests.helpers import gradient_stream
 
 RULES = ["adamw", "lion", "adafactor", "sgd", "muon"]
@@ -54,7 +55,7 @@ def test_state_is_low_rank_in_both_orientations(projector: str) -> None:
     for p in params[:2]:  # 48x20 and 20x48, rank 6 < 20
         state = opt.state[p]
         assert state["exp_avg"].shape == state["exp_avg_sq"].shape == (6, 48)
-        assert state["proj"].shape == (20, 6)
+        assert state[PROJ].shape == (20, 6)
     assert opt.state[params[3]]["exp_avg"].shape == (20,)
     bytes_ = osd.state_bytes(opt)
     expected_moments = sum(
@@ -190,7 +191,7 @@ def test_closure_zero_grad_and_add_param_group() -> None:
     assert last < 0.7 * first
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
-    assert "proj" in opt.state[model[0].weight] and "proj" not in opt.state[model[2].weight]
+    assert is_projected(opt.state[model[0].weight]) and not is_projected(opt.state[model[2].weight])
 
 
 def test_param_groups_selects_attention_and_mlp_linears() -> None:

@@ -8,6 +8,7 @@ import torch
 
 import osd
 from osd import functional as F
+from osd.state_layout import MOMENTS_ORIGIN, PROJ
 from tests.helpers import gradient_stream
 
 
@@ -128,8 +129,8 @@ def test_reset_restarts_the_inner_rule_at_each_refresh() -> None:
     W.grad = grads[4]
     opt.step()  # step 4: a refresh, so Adam starts over: its first step is lr * sign(R), projected back
     state = opt.state[W]
-    assert state["moments_origin"] == 4
-    expected = -0.1 * state["proj"] @ (state["proj"].mT @ grads[4]).sign()
+    assert state[MOMENTS_ORIGIN] == 4
+    expected = -0.1 * state[PROJ] @ (state[PROJ].mT @ grads[4]).sign()
     torch.testing.assert_close(W.detach() - before, expected)
 
 
@@ -215,7 +216,7 @@ def test_sketch_pca_keeps_P_near_orthonormal_and_finds_the_mean_under_noise() ->
         for g in stream:
             W.grad = g
             opt.step()
-        P = opt.state[W]["proj"]
+        P = opt.state[W][PROJ]
         assert (P.mT @ P - torch.eye(2)).norm() < 0.1
         angles[projector] = F.principal_angles(P, torch.eye(16)[:, :2]).max().item()
     assert angles["sketch_pca"] < 0.6 and angles["online_pca"] > 1.5, angles  # radians; pi/2 = orthogonal

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from osd.state_layout import PROJ, eight_bit_keys, is_projected
+
 __all__ = ["StepCost", "MachineRates", "step_cost", "measure_rates", "floor_ms"]
 
 
@@ -54,7 +56,7 @@ class MachineRates:
 
 def _state_bytes(state: dict[Any, Any]) -> int:
     """Bytes of the optimizer state tensors of one parameter (not ``P``, steps or shapes)."""
-    return sum(v.nbytes for k, v in state.items() if isinstance(v, Tensor) and k not in ("proj", "step") and not str(k).endswith(":shape"))
+    return sum(v.nbytes for k, v in state.items() if isinstance(v, Tensor) and k not in (PROJ, "step") and not str(k).endswith(eight_bit_keys("")[2]))
 
 
 def step_cost(optimizer: torch.optim.Optimizer) -> StepCost:
@@ -66,9 +68,9 @@ def step_cost(optimizer: torch.optim.Optimizer) -> StepCost:
             if not state:
                 continue
             cost.bytes += p.nbytes * 3 + 2 * _state_bytes(state)  # G read, W read + write, states read + write
-            if "proj" not in state:
+            if not is_projected(state):
                 continue
-            P = state["proj"]
+            P = state[PROJ]
             m, r = P.shape
             n = p.numel() // m
             moves = group.get("projector") == "online_pca"

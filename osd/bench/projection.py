@@ -48,6 +48,7 @@ from osd.bench.results import (
 )
 from osd.optimizer import SUBSPACE_DEFAULTS
 from osd.projectors import OnlinePCAProjector
+from osd.state_layout import PROJ, RANK, SEED, TRANSPOSED
 
 __all__ = ["DEFAULT_SHAPES", "RULES", "GradientStream", "benchmark_shape", "build_parser", "run"]
 
@@ -99,12 +100,12 @@ def time_online_pca(grads: GradientStream, rank: int, with_R: bool, repeats: int
     projector = OnlinePCAProjector()
     group = {**SUBSPACE_DEFAULTS, **projector.defaults, "lr": 1e-3}
     projector.validate(group)
-    state: dict[str, Any] = {"step": 0, "transposed": False, "rank": rank, "seed": 0}
+    state: dict[str, Any] = {"step": 0, TRANSPOSED: False, RANK: rank, SEED: 0}
     projector.init_state(state, grads(), rank, group)
 
     def prepare() -> Callable[[], None]:
         G = grads()
-        P = state["proj"]
+        P = state[PROJ]
         R, grad_norm = (None, None) if with_R else (P.mT @ G, G.norm())
 
         def step() -> None:
