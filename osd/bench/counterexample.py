@@ -41,12 +41,13 @@ from tqdm import tqdm
 from osd.bench.results import markdown_table, plot_curves, usage_error, write_results
 from osd.config import parse_key_values
 from osd.optimizer import SubspaceOptimizer
+from osd.presets import METHODS
 from osd.projectors import get_projector
 from osd.schedule import warmup_cosine
 
 __all__ = ["PROJECTORS", "NoisyQuadratic", "build_parser", "run", "run_projector"]
 
-PROJECTORS = {"full_rank": "identity", "galore": "svd", "golore": "random", "osd": "online_pca", "osd_sketch": "sketch_pca"}
+PROJECTORS = {"full_rank": "identity", **METHODS}  # label -> projector: every projector with a named method
 DEFAULT_LR = {"sgd": 0.05, "adamw": 0.01}
 # OSD's lr_P = alpha * lr: 0.01 for both rules (alpha 5 at SGD's lr would move P by Adam steps of 0.25).
 DEFAULT_ALPHA = {"sgd": 0.2, "adamw": 1.0}
