@@ -391,7 +391,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     png = plot_curves(_curves(results["methods"]), out / "quality.png", "tokens", "validation loss (nats per token)",
                       f"{protocol.model}, C4, best lr per method: mean and min–max over seeds {list(protocol.seeds)}",
                       log_y=False, hlines={"unigram entropy of the validation tokens": protocol.derived["unigram_entropy"]},
-                      legend_loc="upper right")
+                      legend_loc="outside")
     results.update(plot=str(png), wall_s=wall_s)
     json_path, md_path = write_results(out, "quality", argv, asdict(protocol), results, report(results, protocol, wall_s))
     print(md_path.read_text())

@@ -166,7 +166,8 @@ def plot_curves(
 ) -> Path:
     """One line per label: ``curves[label] = (x, [y of run 1, y of run 2, ...])``; the mean
     over runs is drawn, with the min–max band when there are several runs; ``hlines[label]``
-    is a dashed horizontal reference line. PNG to ``path`` (its folder is created if missing)."""
+    is a dashed horizontal reference line. ``legend_loc="outside"`` puts the legend right of
+    the axes (for many curves). PNG to ``path`` (its folder is created if missing)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,7 +175,10 @@ def plot_curves(
 
     from osd.plot import readable_axes
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    outside = legend_loc == "outside"
+    fig, ax = plt.subplots(figsize=(10.5, 5.5) if outside else (8, 5))
+    if len(curves) > 10:  # the default cycle has 10 colours: no two curves share one
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     # Curves that coincide (two methods that both stall) stay visible: each its own dash
     # pattern and markers, spaced so that markers of different curves do not sit on each other.
     styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"), ((0, (1, 2)), "x")]
@@ -191,7 +195,10 @@ def plot_curves(
         ax.axhline(y, color="black", linestyle="--", linewidth=1, label=label)
     ax.set(xlabel=xlabel, ylabel=ylabel + (" (log scale)" if log_y else ""), title=title)
     readable_axes(ax, log_y=log_y)
-    ax.legend(loc=legend_loc, fontsize="small")
+    if outside:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    else:
+        ax.legend(loc=legend_loc, fontsize="small")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
