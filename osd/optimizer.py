@@ -151,16 +151,15 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 self.skipped_steps += 1
             return loss
         in_torch: dict[int, tuple[dict[str, Any], list[Tensor]]] = {}
-        hparams: dict[int, dict[str, Any]] = {}  # each group's, read once per step
+        groups = {id(group): group for group, _ in pairs}
+        hparams = {key: RULES[group["rule"]].hparams(group) for key, group in groups.items()}  # read once per group and step
         for (group, p), norm in zip(pairs, norms):
-            if param_state.steps_in_torch(group, p, self.state.get(p)):
+            if param_state.steps_in_torch(group, p, self.state.get(p), hparams[id(group)]):
                 in_torch.setdefault(id(group), (group, []))[1].append(p)
                 continue
-            if id(group) not in hparams:
-                hparams[id(group)] = RULES[group["rule"]].hparams(group)
             self._update_param(group, p, p.grad, norm, hparams=hparams[id(group)])
         for group, params in in_torch.values():
-            self._torch_step(group, params, [p.grad for p in params])
+            self._torch_step(group, params, [p.grad for p in params], hparams[id(group)])
         return loss
 
     # One parameter at a time (layer-wise updates, osd.layerwise) ----------------------
@@ -226,15 +225,15 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         """``grad``: the full gradient (``grad_norm`` its norm), or None with ``projected = P^T G``
         (``grad_norm`` then the norm of ``projected``). ``hparams``: the rule's hyperparameters
         of ``group``, when the caller has read them already (once per group and step)."""
-        if projected is None and param_state.steps_in_torch(group, p, self.state.get(p)):
-            self._torch_step(group, [p], [grad])
+        rule = RULES[group["rule"]]
+        hparams = rule.hparams(group) if hparams is None else hparams
+        if projected is None and param_state.steps_in_torch(group, p, self.state.get(p), hparams):
+            self._torch_step(group, [p], [grad], hparams)
             return
         state = self.state[p]
         if not state:
             self._init_state(group, p, grad)
         projector = PROJECTORS[group["projector"] if is_projected(state) else "identity"]
-        rule = RULES[group["rule"]]
-        hparams = hparams or rule.hparams(group)
         with state_layout.float_states(state, group, p.dtype):
             G = None if grad is None else canonical(state, param_state.working_grad(group, grad, is_projected(state)))
             if G is not None:
@@ -270,14 +269,15 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                     projector.advance(state, G, R, grad_norm, group)
         state["step"] += 1
 
-    def _torch_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    def _torch_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], hparams: dict[str, Any] | None = None) -> None:
         """Step full-rank ``params`` together through ``UpdateRule.torch_step`` (one fused kernel)."""
         rule = RULES[group["rule"]]
+        hparams = rule.hparams(group) if hparams is None else hparams
         for p, grad in zip(params, grads):
             if not self.state[p]:
                 self._init_state(group, p, grad)
         states = [self.state[p] for p in params]
-        rule.torch_step(params, grads, states, rule.hparams(group), group["lr"], [state["step"] + 1 for state in states])
+        rule.torch_step(params, grads, states, hparams, group["lr"], [state["step"] + 1 for state in states])
         for state in states:
             state["step"] += 1
 

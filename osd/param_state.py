@@ -33,11 +33,11 @@ def working_grad(group: dict[str, Any], grad: Tensor, projected: bool) -> Tensor
     return grad if sharded.keeps_shards(group["rule"], projected) else sharded.full(grad)
 
 
-def steps_in_torch(group: dict[str, Any], p: Tensor, state: dict[str, Any] | None) -> bool:
+def steps_in_torch(group: dict[str, Any], p: Tensor, state: dict[str, Any] | None, hparams: dict[str, Any] | None = None) -> bool:
     """Whether ``p`` (with ``state``, None before its first step) steps through its rule's torch
     kernels (``UpdateRule.torch_step``): a full-rank, unsharded parameter with float32 states,
     no per-parameter clipping and torch's decay-before-update, whose rule torch computes with
-    these hyperparameters."""
+    these hyperparameters (``hparams``: the rule's, when the caller has read them already)."""
     rule = RULES[group["rule"]]
     return (
         rule.torch_step is not None
@@ -46,7 +46,7 @@ def steps_in_torch(group: dict[str, Any], p: Tensor, state: dict[str, Any] | Non
         and not group["decay_after_update"]
         and (group["optim_bits"] == 32 or p.numel() < max(group["min_8bit_size"], 1))
         and not isinstance(p, DTensor)
-        and rule.torch_step_allows(rule.hparams(group))
+        and rule.torch_step_allows(rule.hparams(group) if hparams is None else hparams)
     )
 
 

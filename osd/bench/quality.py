@@ -77,7 +77,6 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "galore_muon": ("galore_muon", {}),
     "osd_sketch": ("osd_sketch_adamw", {}),
 }
-PAPER_METHODS = ("adamw", "galore", "osd", "osd_alpha", "golore")
 PAPER_ALPHA = 5.0
 UNFINISHED = 3  # exit status when --max-minutes stopped the benchmark before the table
 
