@@ -72,6 +72,27 @@ def _cause(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+ZIP_MAGIC = b"PK\x03\x04"
+"""The first bytes of every file ``torch.save`` writes (a zip archive's local file header)."""
+
+
+def _unreadable(path: Path, size: int, error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused ``path``, decided by what the file is (its
+    first bytes) rather than by which exception the unpickler happened to raise: a file that
+    does not start as a zip archive is not a torch checkpoint; a zip archive that refuses
+    unpickling holds Python objects; any other failure of a zip archive is damage."""
+    with open(path, "rb") as file:
+        head = file.read(len(ZIP_MAGIC))
+    if head != ZIP_MAGIC:
+        return f"{path} is not a torch checkpoint (not a zip archive of tensors): corrupt or another kind of file"
+    if isinstance(error, pickle.UnpicklingError) and zipfile.is_zipfile(path):
+        return (
+            f"checkpoint {path} holds Python objects other than tensors and plain values; "
+            "osd train never writes those, so it is not loaded (it is not this run's checkpoint)"
+        )
+    return f"checkpoint {path} ({size} bytes) is truncated or corrupt: it does not read as a torch zip archive"
+
+
 def load(path: str | os.PathLike, keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (tensors and plain values only) and check
     that it is a dict holding ``keys`` (``osd train``: :data:`KEYS`); raise
@@ -86,15 +107,8 @@ def load(path: str | os.PathLike, keys: tuple[str, ...] = ()) -> dict[str, Any]:
         raise
     except OSError as error:
         raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
-    except pickle.UnpicklingError:
-        if zipfile.is_zipfile(path):
-            raise CheckpointError(
-                f"checkpoint {path} holds Python objects other than tensors and plain values; "
-                "osd train never writes those, so it is not loaded (it is not this run's checkpoint)"
-            ) from None
-        raise CheckpointError(f"{path} is not a torch checkpoint (not a zip archive of tensors): corrupt or another kind of file") from None
-    except Exception:  # torch raises RuntimeError, KeyError, EOFError ... for a damaged file
-        raise CheckpointError(f"checkpoint {path} ({size} bytes) is truncated or corrupt: it does not read as a torch zip archive") from None
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, KeyError, EOFError ... for a bad file
+        raise CheckpointError(_unreadable(path, size, error)) from None
     if not isinstance(saved, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(saved).__name__}, not a dict of tensors and values")
     missing = [key for key in keys if key not in saved]

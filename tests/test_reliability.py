@@ -13,6 +13,7 @@ import argparse
 import errno
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -285,7 +286,7 @@ def damage(path: Path, how: str, runs: dict[str, Path]) -> None:
     elif how == "text":
         path.write_text("step: 2\n")
     elif how == "random-bytes":
-        path.write_bytes(os.urandom(4096))
+        path.write_bytes(random.Random(0).randbytes(4096))
     elif how == "python-objects":
         torch.save({**saved, "config": argparse.Namespace(lr=1e-3)}, path)
     elif how == "bare-model-state-dict":
@@ -321,7 +322,7 @@ def damage(path: Path, how: str, runs: dict[str, Path]) -> None:
 CHECKPOINT_PROBLEMS = [
     ("truncated", "is truncated or corrupt: it does not read as a torch zip archive"),
     ("zero-bytes", "is empty (0 bytes)"),
-    ("text", "is truncated or corrupt"),
+    ("text", "is not a torch checkpoint (not a zip archive of tensors)"),
     ("random-bytes", "is not a torch checkpoint (not a zip archive of tensors)"),
     ("python-objects", "holds Python objects other than tensors and plain values"),
     ("bare-model-state-dict", "is a bare model state dict"),
@@ -565,3 +566,14 @@ def test_rank_above_a_weights_sides_gives_a_notice(hidden: int, expected: str) -
     config = LlamaConfig(hidden_size=hidden, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4, vocab_size=64)
     with pytest.warns(UserWarning, match=f"rank 128 is at least the smaller side of {expected}"):
         osd.create_optimizer(LlamaForCausalLM(config), "osd_adamw", lr=1e-3, rank=128)
+
+
+def test_random_bytes_are_never_called_a_damaged_checkpoint(tmp_path: Path) -> None:
+    """Whatever exception the unpickler happens to raise on random bytes (it depends on the
+    first byte: UnpicklingError, EOFError, ValueError ...), the message is decided by what the
+    file is: not a zip archive, so not a torch checkpoint (CI once saw the other message)."""
+    path = tmp_path / "checkpoint.pt"
+    for seed in range(300):
+        path.write_bytes(random.Random(seed).randbytes(64 + seed))
+        with pytest.raises(checkpoint.CheckpointError, match="is not a torch checkpoint"):
+            checkpoint.load(path)
