@@ -132,9 +132,12 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One optimization step over every parameter that has a gradient.
 
-        The gradients' norms are computed first in one pass (``torch._foreach_norm``) and
-        checked for NaN/Inf before any state changes; online PCA reuses them as ``||G||_F``.
-        Sparse and complex gradients are refused (:func:`osd.hyperparams.check_grad`).
+        Every gradient is checked for NaN/Inf before any state changes. The parameters that
+        step through this class read their gradients' norms in one pass
+        (``torch._foreach_norm``; online PCA reuses them as ``||G||_F``); those that step
+        through torch's fused kernels are checked by a plain sum, the cheapest full read (a sum
+        that overflows is re-checked element by element, so a finite gradient is never
+        refused). Sparse and complex gradients are refused (:func:`osd.hyperparams.check_grad`).
         """
         loss = None
         if closure is not None:
@@ -145,21 +148,24 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             check_grad(group, p)
         if not pairs:
             return loss
-        norms = [sharded.full(norm) for norm in torch._foreach_norm([p.grad for _, p in pairs])]
-        if not torch.isfinite(torch.stack(norms)).all():
-            if self._nonfinite(*next(pair for pair, norm in zip(pairs, norms) if not torch.isfinite(norm)), nothing_updated=True):
-                self.skipped_steps += 1
-            return loss
-        in_torch: dict[int, tuple[dict[str, Any], list[Tensor]]] = {}
         groups = {id(group): group for group, _ in pairs}
         hparams = {key: RULES[group["rule"]].hparams(group) for key, group in groups.items()}  # read once per group and step
-        for (group, p), norm in zip(pairs, norms):
-            if param_state.steps_in_torch(group, p, self.state.get(p), hparams[id(group)]):
-                in_torch.setdefault(id(group), (group, []))[1].append(p)
-                continue
+        in_torch = [param_state.steps_in_torch(group, p, self.state.get(p), hparams[id(group)]) for group, p in pairs]
+        own = [pair for pair, torch_kernel in zip(pairs, in_torch) if not torch_kernel]
+        fused = [pair for pair, torch_kernel in zip(pairs, in_torch) if torch_kernel]
+        norms = [sharded.full(norm) for norm in torch._foreach_norm([p.grad for _, p in own])] if own else []
+        bad = _first_nonfinite(own, norms, fused, [p.grad.sum() for _, p in fused])
+        if bad is not None:
+            if self._nonfinite(*bad, nothing_updated=True):
+                self.skipped_steps += 1
+            return loss
+        for (group, p), norm in zip(own, norms):
             self._update_param(group, p, p.grad, norm, hparams=hparams[id(group)])
-        for group, params in in_torch.values():
-            self._torch_step(group, params, [p.grad for p in params], hparams[id(group)])
+        by_group: dict[int, list[Tensor]] = {}
+        for group, p in fused:
+            by_group.setdefault(id(group), []).append(p)
+        for key, params in by_group.items():
+            self._torch_step(groups[key], params, [p.grad for p in params], hparams[key])
         return loss
 
     # One parameter at a time (layer-wise updates, osd.layerwise) ----------------------
@@ -286,3 +292,17 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         among all parameters (as in ``state_dict()``)."""
         index = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
         param_state.init_state(self.state[p], group, p, grad, index)
+
+
+def _first_nonfinite(
+    own: list[tuple[dict[str, Any], Tensor]], norms: list[Tensor], fused: list[tuple[dict[str, Any], Tensor]], sums: list[Tensor]
+) -> tuple[dict[str, Any], Tensor] | None:
+    """The first (group, parameter) whose gradient holds a NaN or Inf, or None; one device
+    synchronisation when every gradient is finite. ``norms``: the gradients' norms of
+    ``own``; ``sums``: the gradients' sums of ``fused`` (a sum may overflow to Inf on finite
+    values, so such a gradient is checked element by element before it is called bad)."""
+    if torch.isfinite(torch.stack(norms + sums)).all():
+        return None
+    bad_norm = (pair for pair, norm in zip(own, norms) if not torch.isfinite(norm))
+    bad_sum = (pair for pair, total in zip(fused, sums) if not torch.isfinite(total) and not torch.isfinite(pair[1].grad).all())
+    return next(bad_norm, None) or next(bad_sum, None)

@@ -150,6 +150,18 @@ def test_nonfinite_gradient_raises_and_leaves_everything_untouched(projector: st
         assert torch.equal(value, before[1][key]) if torch.is_tensor(value) else value == before[1][key]
 
 
+def test_finite_gradient_whose_sum_overflows_steps_like_torch_adamw() -> None:
+    """Full-rank parameters on torch's fused kernel are checked by a sum; a sum that overflows
+    on finite values (here 3e38 + 3e38) must not be called non-finite."""
+    ours, theirs = matrix(seed=3), matrix(seed=3)
+    grad = torch.randn(8, 12)
+    grad[0, :2] = 3e38
+    ours.grad, theirs.grad = grad.clone(), grad.clone()
+    osd.SubspaceOptimizer([ours], projector="identity", lr=1e-2).step()
+    torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.0, fused=True).step()
+    assert torch.isinf(grad.sum()) and torch.equal(ours, theirs)
+
+
 def test_nonfinite_gradient_skip_policy_skips_the_whole_step() -> None:
     good, poisoned = matrix(seed=1), matrix(seed=2)
     opt = osd.OSDAdamW([{"params": [good, poisoned], "rank": 3}], lr=1e-2, nonfinite="skip")
