@@ -19,8 +19,9 @@ not set (an explicit keyword always wins):
 - ``compat="osd_release"``: the released Online Subspace Descent code: the ``galore_torch``
   conventions, no orthonormality term (``ortho_reg=0``), ``P``'s learning rate
   ``lr_W(t) / (max_lr * update_proj_gap)`` (``proj_lr_rule="released"``), ``P`` stepped by
-  ``torch.optim.AdamW`` with its default weight decay 0.01 (``proj_optimizer="adamw"``), and
-  Lion's sign taken after projecting back with ``scale`` inside the sign.
+  ``torch.optim.AdamW`` with its default weight decay 0.01 (``proj_optimizer="adamw"``),
+  ``P`` initialised by the SVD (``svd_method="svd"``), and Lion's sign taken after
+  projecting back with ``scale`` inside the sign.
 - ``compat=None`` (``SubspaceOptimizer`` and the ``OSD*`` classes): torch's conventions, so a
   full-rank group is exactly ``torch.optim.AdamW``.
 
@@ -35,7 +36,7 @@ from typing import Any
 __all__ = ["COMPAT_PRESETS", "compat_defaults", "translate_reference_kwargs"]
 
 _HF_ADAMW: dict[str, Any] = {"eps": 1e-6, "eps_placement": "hf", "decay_after_update": True}
-_RELEASED_P: dict[str, Any] = {"ortho_reg": 0.0, "proj_lr_rule": "released", "proj_optimizer": "adamw"}
+_RELEASED_P: dict[str, Any] = {"ortho_reg": 0.0, "proj_lr_rule": "released", "proj_optimizer": "adamw", "svd_method": "svd"}
 
 # preset -> rule -> keys it sets (rules not listed: nothing changes).
 COMPAT_PRESETS: dict[str, dict[str, dict[str, Any]]] = {

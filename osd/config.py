@@ -25,12 +25,17 @@ class ConfigError(ValueError):
 
 
 # Settings that do not change what a resumed run computes: free to differ from the checkpoint's.
+# The last four only change what is printed or logged besides metrics.jsonl.
 FREE_ON_RESUME = frozenset(
-    {"out_dir", "resume", "overwrite", "allow_change", "stop_at_step", "save_interval", "progress", "eval_interval",
-     "eval_batches", "device", "fsdp", "spread_svd", "check_sync", "divergence_check"}
+    {"out_dir", "resume", "overwrite", "allow_change", "stop_at_step", "save_interval", "eval_interval",
+     "eval_batches", "device", "fsdp", "spread_svd", "check_sync", "divergence_check",
+     "progress", "log_interval", "quiet", "tensorboard"}
 )
 # Settings that change the run but may continue from a checkpoint, when --allow-change names them.
 MAY_CHANGE = ("steps", "tokens")
+# Settings whose default (None) stands for a value the run works out: resume compares that
+# value, read for a checkpoint from its config's "derived" values (what that run used).
+RESOLVED_ON_RESUME = ("lr", "rank", "warmup_steps", "total_batch_size", "tokenizer")
 # The optimizer's own defaults, so that a flag's default is the optimizer's (one place each).
 _OSD_DEFAULTS = get_projector("online_pca").defaults
 
@@ -207,13 +212,27 @@ class TrainConfig:
         """The settings ``--allow-change`` names."""
         return [name.strip().replace("-", "_") for name in (self.allow_change or "").split(",") if name.strip()]
 
-    def resume_differences(self, saved: dict[str, Any]) -> list[str]:
+    def resume_differences(self, saved: dict[str, Any], default_rank: Any = None) -> list[str]:
         """The settings of this config that differ from ``saved`` (a checkpoint's config), as
         ``--flag OLD -> NEW``, leaving out :data:`FREE_ON_RESUME`, the ``allowed_changes`` and
-        keys either side lacks (settings added since, derived values)."""
-        mine = dataclasses.asdict(self)
-        names = [n for n in mine if n in saved and n not in FREE_ON_RESUME and n not in self.allowed_changes]
-        return [f"--{n.replace('_', '-')} {saved[n]} -> {mine[n]}" for n in names if saved[n] != mine[n]]
+        keys either side lacks (settings added since, derived values).
+
+        A setting of :data:`RESOLVED_ON_RESUME` compares as each run uses it, its default
+        filled in (``--lr 0.01`` is the same as no ``--lr`` for AdamW), and is named with that value;
+        ``default_rank`` is what no ``--rank`` gives this model (the projected weights' rank,
+        see :func:`osd.param_groups.default_rank`; None: unknown). The default warmup (10% of
+        the run) follows a step budget that ``--allow-change`` lets change."""
+        mine = {**dataclasses.asdict(self), **self._resolved(default_rank)}
+        theirs = {**saved, **_resolved_saved(saved, default_rank)}
+        follows_budget = bool(set(MAY_CHANGE) & set(self.allowed_changes)) and self.warmup_steps is None and saved.get("warmup_steps", 0) is None
+        free = {*FREE_ON_RESUME, *self.allowed_changes, *(["warmup_steps"] if follows_budget else [])}
+        names = [n for n in mine if n in saved and n not in free]
+        return [f"--{n.replace('_', '-')} {theirs[n]} -> {mine[n]}" for n in names if theirs[n] != mine[n]]
+
+    def _resolved(self, default_rank: Any = None) -> dict[str, Any]:
+        """The :data:`RESOLVED_ON_RESUME` settings as this run uses them."""
+        rank = self.rank if self.rank is not None else default_rank
+        return {"lr": self.peak_lr, "rank": rank, "warmup_steps": self.warmup, "total_batch_size": self.total_batch, "tokenizer": self.tokenizer_spec}
 
     @property
     def peak_lr(self) -> float:
@@ -259,6 +278,22 @@ class TrainConfig:
         """The resolved config (derived values included) as JSON."""
         derived = {"peak_lr": self.peak_lr, "total_steps": self.total_steps, "warmup": self.warmup, "accumulation": self.accumulation, "tokenizer_spec": self.tokenizer_spec}
         return json.dumps({**dataclasses.asdict(self), "derived": derived}, indent=2)
+
+
+def _resolved_saved(saved: dict[str, Any], default_rank: Any = None) -> dict[str, Any]:
+    """The :data:`RESOLVED_ON_RESUME` settings of a checkpoint's config ``saved`` as its run
+    used them: as set, else its ``derived`` value (``default_rank`` for ``rank``); a default
+    without a recorded value stays None."""
+    derived = saved.get("derived") if isinstance(saved.get("derived"), dict) else {}
+    accumulation, batch_size = derived.get("accumulation"), saved.get("batch_size")
+    used = {
+        "lr": derived.get("peak_lr"),
+        "rank": default_rank,
+        "warmup_steps": derived.get("warmup"),
+        "total_batch_size": accumulation * batch_size if isinstance(accumulation, int) and isinstance(batch_size, int) else None,
+        "tokenizer": derived.get("tokenizer_spec"),
+    }
+    return {name: used[name] if saved[name] is None else saved[name] for name in RESOLVED_ON_RESUME if name in saved}
 
 
 # Optimizer keys that have a flag of their own (set them there, not in --optimizer-args).

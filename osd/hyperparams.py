@@ -23,7 +23,8 @@ The optimizer's own keys:
   ``compensation_granularity``, ``compensation_limit`` (:mod:`osd.compensation`).
 - ``svd_method``, ``svd_niter``: how a top-``r`` singular basis is computed (``"svd"``,
   ``"eigh"``, ``"randomized"`` with ``svd_niter`` power iterations), see
-  :func:`osd.projectors._svd_or_fallback`.
+  :func:`osd.projectors._svd_or_fallback`; ``"svd"`` here, and the online-PCA projector's
+  own default (``"randomized"``, one power iteration) for OSD's initial ``P``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections.abc import Mapping
 from typing import Any, Iterable
 
 import torch
@@ -39,7 +41,7 @@ from torch import Tensor
 from osd import compensation, transport
 from osd.compat import compat_defaults, translate_reference_kwargs
 from osd.projectors import PROJECTORS, SVD_METHODS, get_projector
-from osd.rules import RULES, get_rule
+from osd.rules import RULES, RegistryView, get_rule
 
 __all__ = [
     "SUBSPACE_DEFAULTS", "DEFAULT_LR", "PROJ_TYPES", "NONFINITE_POLICIES", "optimizer_keys", "refuse_foreign_keys",
@@ -67,8 +69,9 @@ SUBSPACE_DEFAULTS: dict[str, Any] = {
     "svd_niter": 2,
 }
 
-# Peak learning rate per inner rule when none is given (``UpdateRule.default_lr``).
-DEFAULT_LR: dict[str, float] = {name: rule.default_lr for name, rule in RULES.items()}
+# Peak learning rate per inner rule when none is given (``UpdateRule.default_lr``), read from
+# ``RULES`` at each access, so a rule registered after import has its entry.
+DEFAULT_LR: Mapping[str, float] = RegistryView(lambda: {name: rule.default_lr for name, rule in RULES.items()})
 
 # Keys that were renamed, with what to write instead.
 RENAMED_KEYS = {
@@ -135,7 +138,7 @@ def optimizer_defaults(where: str, lr: Any, rule: str, projector: str, compat: s
     kwargs = dict(kwargs)
     pop_torch_switches(kwargs)  # foreach (a speed hint: accepted), fused, maximize, ...: refused unless off
     given_lr = lr  # galore_torch's Adafactor reads lr=None as its relative step: refused under compat
-    lr = DEFAULT_LR[inner.name] if lr is None else plain(lr)
+    lr = inner.default_lr if lr is None else plain(lr)
     kwargs = translate_reference_kwargs(rule, given_lr if compat is not None else lr, {key: plain(value) for key, value in kwargs.items()})
     refuse_foreign_keys(kwargs, rule, projector, where)
     taken = {**SUBSPACE_DEFAULTS, **get_projector(projector).defaults, **get_rule(rule).defaults}

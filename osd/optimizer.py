@@ -88,12 +88,13 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         self.register_load_state_dict_post_hook(param_state.after_load)  # 8-bit states keep their dtypes
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """As torch's, plus the defaults of group keys added since a state dict was saved;
-        ``load_state_dict`` replaces the group dicts, so the parameter -> group map is rebuilt."""
+        """As torch's, plus the defaults of group keys added since a state dict was saved (the
+        optimizer's and the group's projector's); ``load_state_dict`` replaces the group dicts,
+        so the parameter -> group map is rebuilt."""
         super().__setstate__(state)
         self._group_of = {}
         for group in self.param_groups:
-            for key, value in SUBSPACE_DEFAULTS.items():
+            for key, value in {**SUBSPACE_DEFAULTS, **PROJECTORS[group["projector"]].defaults}.items():
                 group.setdefault(key, value)
             self._group_of.update((id(p), group) for p in group["params"])
 

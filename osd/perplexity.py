@@ -118,7 +118,7 @@ def score_stream(
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="osd eval")
-    parser.description = __doc__.split("\n\n")[0]
+    parser.description = __doc__.split("\n\n")[0].replace("``", "")  # plain text, like every --help
     parser.add_argument("run", metavar="CHECKPOINT_OR_RUN_DIR", help="an osd train output folder or its checkpoint.pt")
     parser.add_argument("--data", help="text to score: a .txt (one document per line), .json/.jsonl/.json.gz, .parquet, or a glob; "
                         "default: the run's own validation set, as the run evaluated it")

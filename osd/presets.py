@@ -9,6 +9,7 @@ full-rank optimizer; ``adamw`` is ``torch.optim.AdamW`` itself.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any, Iterable
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from osd.param_groups import Targets, optimizer_groups
 from osd.optimizer import DEFAULT_LR, SUBSPACE_DEFAULTS, SubspaceOptimizer
 from osd.projectors import PROJECTORS
-from osd.rules import RULES
+from osd.rules import RULES, RegistryView, get_rule
 
 __all__ = [
     "METHODS",
@@ -37,8 +38,9 @@ __all__ = [
     "create_optimizer",
 ]
 
-# Method name (the prefix of an optimizer name) -> projector, from the projectors themselves.
-METHODS: dict[str, str] = {projector.method: name for name, projector in PROJECTORS.items() if projector.method}
+# Method name (the prefix of an optimizer name) -> projector, from the projectors themselves
+# (read from ``PROJECTORS`` at each access: a projector registered after import has its entry).
+METHODS: Mapping[str, str] = RegistryView(lambda: {projector.method: name for name, projector in PROJECTORS.items() if projector.method})
 
 
 # The conventions each method's named classes default to (see osd.compat): GaLore's and
@@ -114,7 +116,7 @@ def create_optimizer(
     method, _, rule = name.rpartition("_")
     if name not in optimizer_names():
         raise ValueError(f"unknown optimizer {name!r}; known: {optimizer_names()}")
-    lr = DEFAULT_LR[rule] if lr is None else lr
+    lr = get_rule(rule).default_lr if lr is None else lr
     if not method:
         if rank is not None:
             raise ValueError(f"optimizer {name!r} is full-rank; rank={rank} applies only to osd_/galore_/golore_ optimizers")

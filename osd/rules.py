@@ -11,6 +11,7 @@ weight decay ``W -= lr * weight_decay * W``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -21,7 +22,7 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from osd import functional as F
 
-__all__ = ["UpdateRule", "RULES", "get_rule"]
+__all__ = ["UpdateRule", "RULES", "get_rule", "RegistryView"]
 
 
 def _check_betas(name: str, betas: Any) -> None:
@@ -344,3 +345,24 @@ def get_rule(name: str) -> UpdateRule:
         return RULES[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown update rule {name!r}; known rules: {sorted(RULES)}") from None
+
+
+class RegistryView(Mapping):
+    """A read-only mapping recomputed from the registries (``RULES``, ``PROJECTORS``) at every
+    access: for a module constant that other modules import by name (``DEFAULT_LR``,
+    ``METHODS``), so that a rule or projector registered after import shows in it."""
+
+    def __init__(self, compute: Callable[[], dict[str, Any]]) -> None:
+        self._compute = compute
+
+    def __getitem__(self, key: str) -> Any:
+        return self._compute()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._compute())
+
+    def __len__(self) -> int:
+        return len(self._compute())
+
+    def __repr__(self) -> str:
+        return repr(self._compute())

@@ -174,17 +174,18 @@ def check_out_dir(config: TrainConfig) -> Path:
     return out_dir
 
 
-def check_resume(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
+def check_resume(saved: dict[str, Any], config: TrainConfig, path: Path, default_rank: Any = None) -> None:
     """May checkpoint ``saved`` (read from ``path``) resume the run of ``config``?
 
     Refuses (:class:`ConfigError` / :class:`CheckpointError`, one line) a checkpoint trained
-    with other settings (each difference named; ``--allow-change`` lets the step budget
-    change) and one at or past where this run stops. (Whether its model and optimizer fit is
-    :meth:`osd.checkpoint.RunCheckpoint.restore_run`'s check.)
+    with other settings (each difference named, defaults compared as the runs used them,
+    ``default_rank`` standing for no ``--rank``: see :meth:`TrainConfig.resume_differences`;
+    ``--allow-change`` lets the step budget change) and one at or past where this run stops.
+    (Whether its model and optimizer fit is :meth:`osd.checkpoint.RunCheckpoint.restore_run`'s check.)
     """
     if not isinstance(saved["config"], dict):
         raise CheckpointError(f"checkpoint {path} has no run configuration to compare with")
-    differences = config.resume_differences(saved["config"])
+    differences = config.resume_differences(saved["config"], default_rank)
     if differences:
         budget = [d for d in differences if d.split()[0][2:].replace("-", "_") in MAY_CHANGE]
         hint = f"; add --allow-change {','.join(d.split()[0][2:] for d in budget)} to continue with the new budget" if budget else ""

@@ -29,6 +29,8 @@ from osd.state_layout import BASIS_STEP, PROJ, canonical, is_projected
 
 __all__ = ["spread_refreshes", "spread_svd"]
 
+# The built-in projectors whose refreshes are spread (for reference: :func:`spread_refreshes`
+# asks each group's projector, ``Projector.refreshes_periodically``, so one registered later counts too).
 SPREAD_PROJECTORS = tuple(name for name, projector in PROJECTORS.items() if projector.refreshes_periodically)
 
 
@@ -56,7 +58,8 @@ def spread_refreshes(optimizer: torch.optim.Optimizer, rank: int, world_size: in
         return
     due = []
     for group in optimizer.param_groups:
-        if group.get("projector") not in SPREAD_PROJECTORS or group.get("moment_transport") is not None:
+        projector = PROJECTORS.get(group.get("projector"))
+        if projector is None or not projector.refreshes_periodically or group.get("moment_transport") is not None:
             continue  # a weight with moment transport needs its old P at the refresh: not spread
         for p in group["params"]:
             state = optimizer.state.get(p)

@@ -31,6 +31,7 @@ keeps loading unchanged.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable, Iterator
 
 import torch
@@ -120,6 +121,8 @@ def stored_shape(state: dict[str, Any], key: str) -> torch.Size | None:
 def _nonnegative(group: dict[str, Any], key: str) -> bool:
     """Whether state ``key`` is never negative (8-bit storage then spends its codes on [0, 1])."""
     if key.startswith(PROJ_PREFIX):
+        if "proj_optimizer" not in group:  # a projector's own state, not P's optimizer's
+            return False
         rule, key = PROJ_RULES[group["proj_optimizer"]][0], key[len(PROJ_PREFIX):]
     else:
         rule = RULES[group["rule"]]
@@ -138,6 +141,12 @@ def _quantizable(key: str, value: Any, min_size: int) -> bool:
 
 
 def _store(state: dict[str, Any], key: str, value: Tensor, nonnegative: bool) -> None:
+    """Quantise ``value`` (consumed: it may be overwritten) into state ``key``'s 8-bit tensors,
+    in place where they exist."""
+    codes = state.get(key + _CODES)
+    if codes is not None:
+        quantization.quantize_into(value, not nonnegative, codes, state[key + _ABSMAX])
+        return
     state[key + _CODES], state[key + _ABSMAX] = quantization.quantize(value, signed=not nonnegative)
     state[key + _SHAPE] = torch.tensor(value.shape, dtype=torch.int64)
 
@@ -155,11 +164,14 @@ def store_8bit(state: dict[str, Any], group: dict[str, Any]) -> None:
 def float_states(state: dict[str, Any], group: dict[str, Any], dtype: torch.dtype) -> Iterator[None]:
     """Within the block, 8-bit states are float tensors under their own keys, in the dtype float
     states would have (``P``'s for ``P``'s optimizer, else ``dtype``, the weight's); after it they
-    are quantised again (the float copies live for one parameter's update only)."""
+    are quantised again (the float copies live for one parameter's update only, in float32
+    buffers that every parameter's update reuses: :func:`osd.quantization.scratch`)."""
     keys = [k[: -len(_CODES)] for k in state if isinstance(k, str) and k.endswith(_CODES)]
-    for key in keys:
-        signed = not _nonnegative(group, key)
-        values = quantization.dequantize(state[key + _CODES], state[key + _ABSMAX], signed, stored_shape(state, key))
+    for slot, key in enumerate(keys):
+        signed, shape = not _nonnegative(group, key), stored_shape(state, key)
+        codes = state[key + _CODES]
+        out = quantization.scratch(f"state{slot}", math.prod(shape), torch.float32, codes.device).view(shape)
+        values = quantization.dequantize(codes, state[key + _ABSMAX], signed, shape, out=out)
         state[key] = values.to(state[PROJ].dtype if key.startswith(PROJ_PREFIX) else dtype)
     try:
         yield

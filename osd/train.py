@@ -39,6 +39,7 @@ from osd.data import IGNORE_INDEX, DataError, PackedBatches, Tokenizer, load_doc
 from osd.layerwise import LayerwiseUpdates
 from osd.memory import state_bytes
 from osd.models import build_model, llama_config
+from osd.param_groups import default_rank, projected_modules
 from osd.presets import create_optimizer
 from osd.run_log import RunLog, banner, log_mode
 from osd.runs import DivergenceCheck, Interrupted, RunError, StopRequests, check_out_dir, check_resume, save, start_run_files, write_metrics
@@ -117,6 +118,17 @@ def build_optimizer(config: TrainConfig, model: torch.nn.Module, parallel: distr
     if config.spread_svd and parallel is not None:
         spread_svd(optimizer, parallel.rank, parallel.world_size)
     return optimizer
+
+
+def default_rank_of(config: TrainConfig, model: torch.nn.Module) -> int | str | None:
+    """What no ``--rank`` means for ``model`` under ``config``'s optimizer: the rank
+    :func:`osd.param_groups.default_rank` gives its projected weights (a string naming each
+    rank where they differ), or None for a full-rank optimizer."""
+    if not config.optimizer.rpartition("_")[0]:
+        return None
+    targets = config.extra_optimizer_kwargs().get("target_modules", "blocks")
+    ranks = sorted({default_rank(module.weight.shape) for module in projected_modules(model, targets).values()})
+    return ranks[0] if len(ranks) == 1 else f"default ({', '.join(map(str, ranks))} by weight)"
 
 
 def train_step(
@@ -209,7 +221,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         raise ConfigError(str(error)) from None
     scheduler = warmup_cosine(optimizer, config.warmup, config.total_steps, config.min_lr_ratio)
     checkpoints = RunCheckpoint(out_dir / "checkpoint.pt", model, optimizer, scheduler, batches, json.loads(config.to_json()), parallel)
-    step, tokens_seen = checkpoints.restore_run(lambda saved: check_resume(saved, config, checkpoints.path)) if config.resume else (0, 0)
+    rank = default_rank_of(config, distributed.unwrap(model)) if config.resume else None
+    step, tokens_seen = checkpoints.restore_run(lambda saved: check_resume(saved, config, checkpoints.path, rank)) if config.resume else (0, 0)
     if parallel.is_main:
         start_run_files(out_dir, config, step)
     last_step = min(config.total_steps, config.stop_at_step or config.total_steps)

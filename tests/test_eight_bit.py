@@ -50,6 +50,62 @@ def test_quantisation_error_is_bounded_per_block(signed: bool) -> None:
     assert quantization.quantized_nbytes(x.numel()) == codes.numel() + 4 * absmax.numel()
 
 
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("numel", [256 * 40, 11100])  # whole blocks (in place), and not (the fallback)
+def test_in_place_quantisation_gives_the_same_codes(signed: bool, numel: int) -> None:
+    """The step's path (``dequantize(out=)``, ``quantize_into``) stores exactly what the
+    allocating one does, on values that hit block maxima, zeros, ties and both signs."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(numel, generator=generator) * torch.logspace(-6, 2, numel).roll(7)
+    x = x if signed else x.abs()
+    x[:300] = 0.0
+    codes, absmax = quantization.quantize(x, signed=signed)
+    into_codes, into_absmax = torch.full_like(codes, 77), torch.full_like(absmax, -1.0)
+    consumed = x.clone()
+    quantization.quantize_into(consumed, signed, into_codes, into_absmax)
+    assert torch.equal(into_codes, codes) and torch.equal(into_absmax, absmax)
+    out = torch.full_like(x, float("nan"))
+    expected = quantization.dequantize(codes, absmax, signed, x.shape)
+    assert torch.equal(quantization.dequantize(codes, absmax, signed, x.shape, out=out), expected)
+    # A second, smaller tensor reuses the scratch buffers and is still exact.
+    small = x[: 256 * 3].clone()
+    small_codes, small_absmax = quantization.quantize(small, signed=signed)
+    buffers = torch.empty_like(small_codes), torch.empty_like(small_absmax)
+    quantization.quantize_into(small.clone(), signed, *buffers)
+    assert torch.equal(buffers[0], small_codes) and torch.equal(buffers[1], small_absmax)
+
+
+def test_reused_float_buffers_leave_no_trace_between_optimizers() -> None:
+    """Every 8-bit update dequantises into the same scratch buffers: an optimizer stepped
+    alone and one stepped interleaved with another (other shapes, rules and states in the
+    buffers between its steps) end bit for bit the same."""
+
+    def make(shapes: list[tuple[int, int]], rule: str, seed: int) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+        generator = torch.Generator().manual_seed(seed)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in shapes]
+        opt = osd.SubspaceOptimizer([{"params": params, "rank": 8}], lr=1e-2, rule=rule, optim_bits=8, min_8bit_size=0)
+        return params, opt
+
+    def step(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, t: int) -> None:
+        generator = torch.Generator().manual_seed(100 + t)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        opt.step()
+
+    alone, alone_opt = make([(32, 64), (64, 48)], "adamw", seed=0)
+    for t in range(4):
+        step(alone, alone_opt, t)
+    mixed, mixed_opt = make([(32, 64), (64, 48)], "adamw", seed=0)
+    other, other_opt = make([(48, 128), (16, 256)], "lion", seed=1)
+    for t in range(4):
+        step(mixed, mixed_opt, t)
+        step(other, other_opt, t)
+    for a, b in zip(alone, mixed):
+        assert torch.equal(a, b)
+    for a, b in zip(alone_opt.state.values(), mixed_opt.state.values()):
+        assert all(torch.equal(a[key], b[key]) for key in a if isinstance(a[key], torch.Tensor))
+
+
 def test_eight_bit_states_take_a_quarter_of_the_bytes() -> None:
     sizes = {}
     for bits in (32, 8):

@@ -80,10 +80,11 @@ def test_online_pca_moves_p_every_step_and_svd_only_at_refresh() -> None:
 
 
 def test_osd_weight_update_uses_p_before_its_update() -> None:
-    """Step t updates W with P_t (the SVD basis of G_0 at t=0), then computes P_{t+1}."""
+    """Step t updates W with P_t (the SVD basis of G_0 at t=0 with ``svd_method="svd"``), then
+    computes P_{t+1}."""
     grad = torch.randn(10, 30, generator=torch.Generator().manual_seed(3))
     param = torch.nn.Parameter(torch.zeros(10, 30))
-    opt = osd.SubspaceOptimizer([{"params": [param], "rank": 3, "scale": 1.0}], lr=0.1, rule="sgd", momentum=0.0)
+    opt = osd.SubspaceOptimizer([{"params": [param], "rank": 3, "scale": 1.0}], lr=0.1, rule="sgd", momentum=0.0, svd_method="svd")
     param.grad = grad
     opt.step()
     U = torch.linalg.svd(grad, full_matrices=False)[0][:, :3]

@@ -79,7 +79,7 @@ def test_tensorboard_scalars(tmp_path: Path, capsys) -> None:
     assert [e.step for e in events.Scalars("val_ppl")] == [3, 6]
 
 
-@pytest.mark.parametrize("command", [["train"], ["memory"], ["bench", "convergence"], ["bench", "step"], ["generate"], ["export"]])
+@pytest.mark.parametrize("command", [["train"], ["eval"], ["memory"], ["bench", "convergence"], ["bench", "step"], ["generate"], ["export"]])
 def test_help_texts_say_each_default_once_and_plainly(command: list[str], capsys) -> None:
     with pytest.raises(SystemExit):
         main([*command, "--help"])

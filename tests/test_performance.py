@@ -67,14 +67,42 @@ def test_svd_method_is_validated_and_old_state_dicts_get_the_default() -> None:
         osd.OSDAdamW([{"params": [w], "rank": 2}], svd_method="lowrank")
     with pytest.raises(ValueError, match="svd_niter"):
         osd.OSDAdamW([{"params": [w], "rank": 2}], svd_niter=-1)
-    opt = osd.OSDAdamW([{"params": [w], "rank": 2}], lr=1e-2)
-    w.grad = gradient_stream((8, 12), 1)[0]
-    opt.step()
-    saved = opt.state_dict()
-    for group in saved["param_groups"]:
-        del group["svd_method"], group["svd_niter"]  # a state dict from before the option existed
-    opt.load_state_dict(saved)
-    assert opt.param_groups[0]["svd_method"] == "svd" and opt.param_groups[0]["svd_niter"] == 2
+    for make, default in ((osd.OSDAdamW, ("randomized", 1)), (osd.GaLoreAdamW, ("svd", 2))):
+        opt = make([{"params": [w], "rank": 2}], lr=1e-2)
+        w.grad = gradient_stream((8, 12), 1)[0]
+        opt.step()
+        saved = opt.state_dict()
+        for group in saved["param_groups"]:
+            del group["svd_method"], group["svd_niter"]  # a state dict from before the option existed
+        opt.load_state_dict(saved)
+        assert (opt.param_groups[0]["svd_method"], opt.param_groups[0]["svd_niter"]) == default
+
+
+def test_osd_starts_from_the_randomized_basis_by_default_and_the_release_from_the_svd() -> None:
+    """OSD's initial P: randomized range finding with one power iteration (its Gaussian from the
+    parameter's seed), unless ``svd_method`` says otherwise; ``compat="osd_release"`` and
+    GaLore take the SVD. The randomized basis spans nearly the same subspace on a gradient
+    whose spectrum decays."""
+    G = gradient_stream((40, 96), 1)[0]
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    G = (U * torch.logspace(0, -3, len(S))) @ Vh  # a decaying spectrum, as real gradients have
+    bases = {}
+    for name, make, kwargs in (
+        ("default", osd.OSDAdamW, {}),
+        ("svd", osd.OSDAdamW, {"svd_method": "svd"}),
+        ("release", osd.OSDAdamW, {"compat": "osd_release"}),
+        ("galore", osd.GaLoreAdamW, {}),
+    ):
+        w = torch.nn.Parameter(torch.zeros(40, 96))
+        opt = make([{"params": [w], "rank": 6}], lr=1e-3, **kwargs)
+        w.grad = G.clone()
+        opt.step()
+        bases[name] = opt.state[w][PROJ]
+    exact = F.svd_basis(G, 6, "left")
+    for name in ("svd", "release", "galore"):
+        assert torch.equal(bases[name], exact), name
+    assert not torch.equal(bases["default"], exact)
+    assert F.principal_angles(bases["default"], exact).max() < 0.02
 
 
 def test_step_param_reads_the_groups_load_state_dict_installs() -> None:

@@ -233,15 +233,16 @@ def test_out_dir_the_os_refuses(capsys) -> None:
     "args,message",
     [
         (["--optimizer", "galore_adamw"], "--optimizer osd_adamw -> galore_adamw"),
-        (["--rank", "4"], "--rank None -> 4"),
-        (["--lr", "0.01"], "--lr None -> 0.01"),
+        (["--rank", "4"], "--rank 16 -> 4"),  # the run's default: a quarter of nano's 64
+        (["--lr", "0.001"], "--lr 0.01 -> 0.001"),  # the run's default: AdamW's 1e-2
+        (["--warmup-steps", "2"], "--warmup-steps 1 -> 2"),  # the run's default: 10% of 4 steps, at least 1
         (["--optim-bits", "8"], "--optim-bits 32 -> 8"),
         (["--seq-len", "32"], "--seq-len 16 -> 32"),
         (["--seed", "1"], "--seed 0 -> 1"),
-        (["--lr", "0.01", "--scale", "0.5"], "--lr None -> 0.01; --scale 0.25 -> 0.5"),
+        (["--lr", "0.001", "--scale", "0.5"], "--lr 0.01 -> 0.001; --scale 0.25 -> 0.5"),
         (["--steps", "6"], "--steps 4 -> 6; add --allow-change steps to continue with the new budget"),
     ],
-    ids=["optimizer", "rank", "lr", "optim-bits", "seq-len", "seed", "two-settings", "steps"],
+    ids=["optimizer", "rank", "lr", "warmup", "optim-bits", "seq-len", "seed", "two-settings", "steps"],
 )
 def test_resume_with_other_settings_names_each_difference(args: list[str], message: str, previous: Path, capsys) -> None:
     before = snapshot(previous)
@@ -259,6 +260,51 @@ def test_resume_with_allowed_budget_change_continues(previous: Path, runs: dict[
 
 def test_resume_with_settings_that_change_nothing_is_exact(previous: Path, runs: dict[str, Path], capsys) -> None:
     assert_resumes_exactly(previous, runs, capsys, "--eval-interval", "2", "--save-interval", "3", "--divergence-check")
+
+
+@pytest.mark.parametrize(
+    "args", [["--quiet"], ["--log-interval", "1"], ["--tensorboard"], ["--progress"]], ids=["quiet", "log-interval", "tensorboard", "progress"]
+)
+def test_resume_with_other_output_settings_is_exact(args: list[str], previous: Path, runs: dict[str, Path], capsys) -> None:
+    """Output-only settings (what is printed or logged, not what is computed) may differ on resume."""
+    if "--tensorboard" in args:
+        pytest.importorskip("tensorboard", reason="--tensorboard needs the tensorboard package")
+    assert_resumes_exactly(previous, runs, capsys, *args)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--lr", "0.01"], ["--rank", "16"], ["--warmup-steps", "1"], ["--total-batch-size", "2"], ["--tokenizer", "bytes"]],
+    ids=["lr", "rank", "warmup", "total-batch-size", "tokenizer"],
+)
+def test_resume_with_the_value_a_default_stood_for_is_exact(args: list[str], previous: Path, runs: dict[str, Path], capsys) -> None:
+    """A setting left at its default (``None``) on the first run and given on resume as the very
+    value the run used (AdamW's lr 1e-2, rank 16 = a quarter of nano's 64, ...) is no difference."""
+    assert_resumes_exactly(previous, runs, capsys, *args)
+
+
+def test_resume_differences_compare_the_values_the_runs_used() -> None:
+    """:meth:`TrainConfig.resume_differences` both ways round: an explicit value the other run's
+    default stood for is the same setting, another value is named with both values as used."""
+    from osd.config import TrainConfig
+
+    def saved(**settings) -> dict:
+        return json.loads(TrainConfig(model="nano", **settings).to_json())
+
+    default = TrainConfig(model="nano", resume=True)
+    assert default.resume_differences(saved(lr=0.01, rank=16, warmup_steps=20, tokenizer="bytes", total_batch_size=8), default_rank=16) == []
+    assert default.resume_differences(saved(lr=0.001, rank=4), default_rank=16) == ["--lr 0.001 -> 0.01", "--rank 4 -> 16"]
+    assert TrainConfig(model="nano", lr=0.01, rank=16, resume=True).resume_differences(saved(), default_rank=16) == []
+    assert TrainConfig(model="nano", lr=0.1, rank=8, resume=True).resume_differences(saved(), default_rank=16) == ["--lr 0.01 -> 0.1", "--rank 16 -> 8"]
+    # A checkpoint whose default lr was another (an older release's): the lr it trained with counts.
+    old = {**saved(), "derived": {**saved()["derived"], "peak_lr": 0.001}}
+    assert default.resume_differences(old, default_rank=16) == ["--lr 0.001 -> 0.01"]
+    assert TrainConfig(model="nano", lr=0.001, resume=True).resume_differences(old, default_rank=16) == []
+    # The default warmup (10% of the run) follows a budget that --allow-change lets change.
+    longer = TrainConfig(model="nano", steps=400, resume=True, allow_change="steps")
+    assert longer.resume_differences(saved(), default_rank=16) == []
+    assert longer.resume_differences(saved(warmup_steps=20), default_rank=16) == ["--warmup-steps 20 -> 40"]
+    assert TrainConfig(model="nano", steps=400, warmup_steps=20, resume=True, allow_change="steps").resume_differences(saved(), default_rank=16) == []
 
 
 @pytest.mark.parametrize(
