@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 FREE_ON_RESUME = frozenset(
     {"out_dir", "resume", "overwrite", "allow_change", "stop_at_step", "save_interval", "eval_interval",
      "eval_batches", "device", "fsdp", "spread_svd", "check_sync", "divergence_check",
-     "progress", "log_interval", "quiet", "tensorboard"}
+     "progress", "log_interval", "quiet", "tensorboard", "compact_heap"}
 )
 # Settings that change the run but may continue from a checkpoint, when --allow-change names them.
 MAY_CHANGE = ("steps", "tokens")
@@ -81,6 +81,9 @@ class TrainConfig:
     # memory
     layerwise: bool = _help("step each weight inside backward and free its gradient at once (osd.layerwise)", default=False)
     activation_checkpointing: bool = _help("recompute each decoder layer's activations in backward instead of keeping them", default=False)
+    compact_heap: bool | None = _help(
+        "glibc: give every freed allocation of 64 KiB or more back to the system at once, so the resident peak "
+        "stays flat from step to step, at some speed (osd.allocator); on by default with --layerwise", default=None)
     # schedule and budget
     steps: int = _help("optimizer steps (ignored when --tokens is set)", default=200)
     tokens: int | None = _help("token budget; sets steps = tokens / (total batch * seq len)", default=None)

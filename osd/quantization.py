@@ -20,11 +20,12 @@ What is stored are two plain tensors, so ``state_dict()`` still loads with
 An optimizer step dequantises every state and quantises it again, so the step's path
 (:func:`dequantize` with ``out=``, :func:`quantize_into`) allocates nothing per call: the
 float state, the codes and block maxima are written in place, and the index temporaries
-live in per-device scratch buffers kept at the largest size seen (:func:`scratch`; three
-4-byte and one 1-byte element per element of the largest state, 36 MB at a 1B model's
-``512 x 5461`` moments). Fresh ``numel``-sized temporaries on every call cost more than
-the arithmetic on a CPU (the allocator maps and faults in new pages: 8-bit steps were
-1.6x faster with ``MALLOC_MMAP_MAX_=0`` before this).
+live in per-device scratch buffers kept at the largest size seen (:func:`scratch`: 9 bytes
+per element of the largest state, 25 MB at a 1B model's ``512 x 5461`` moments; the float
+states of :func:`osd.state_layout.float_states` add 4 bytes per element and state slot,
+45 MB for OSD-AdamW's four at 1B). This is for the heap, not for speed (an interleaved measurement
+gave the same time): no ``numel``-sized temporaries come and go with every state of every
+step (docs/memory.md).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from osd import distributed
+from osd.allocator import compact_heap
 from osd.checkpoint import CheckpointError, RunCheckpoint
 from osd.config import ConfigError, TrainConfig, build_parser, config_from_args
 from osd.data import IGNORE_INDEX, DataError, PackedBatches, Tokenizer, load_documents, load_tokenizer, validation_batches
@@ -212,6 +213,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """
     parallel = _parallel(config)
     out_dir = check_out_dir(config)
+    if config.layerwise if config.compact_heap is None else config.compact_heap:
+        compact_heap()  # a flat resident peak (osd.allocator)
     tokenizer, batches, val_batches = load_data(config)
     torch.manual_seed(config.seed)
     try:
