@@ -1,0 +1,213 @@
+"""Where the 8-bit and full-rank parts of the optimizer step spend their time (CPU).
+
+The figures behind docs/performance.md, "Not reached, not done":
+
+1. ``ops``: each op of an 8-bit dequantise + quantise of one 65536-element state, best of
+   5 x 200 calls, at 1 and 2 threads (the three table lookups against the rest), and the
+   per-call overhead (a 256-element state).
+2. ``inplace``: the step's in-place path (``dequantize(out=)``, ``quantize_into``) against
+   the allocating one over the 60m model's 224 8-bit states (rank 128: 176 of 128 x 512, 48
+   of 128 x 1376), interleaved rounds, median ms.
+3. ``compile``: the same (de)quantisation under ``torch.compile(dynamic=True)`` (checked to
+   give the same codes) against eager, interleaved; skipped where compile cannot build.
+4. ``fullrank``: at 130m's full-rank shapes (2 x 32100 x 768 + 25 norms), torch's fused
+   AdamW kernel against the finiteness checks by sum and by norm, interleaved, median ms.
+
+    python benchmarks/step_costs.py                 # all four
+    python benchmarks/step_costs.py --parts ops fullrank
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from osd import quantization as q  # noqa: E402
+
+PARTS = ("ops", "inplace", "compile", "fullrank")
+
+
+def best_us(call: Callable[[], object], calls: int = 200, rounds: int = 5) -> float:
+    for _ in range(20):
+        call()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+    return best
+
+
+def interleaved_ms(calls: dict[str, Callable[[], object]], rounds: int = 8) -> dict[str, float]:
+    """Median ms of each call, the calls alternating round by round (load hits them alike)."""
+    for call in calls.values():
+        call()
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def part_ops() -> None:
+    n = 65536
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    blocks = x.view(-1, q.BLOCK_SIZE)
+    below, inside = q._code_lookup(True, x.device)
+    code_map = q._code_map(True, x.device)
+    absmax = blocks.abs().amax(1)
+    scaled = (blocks / absmax.unsqueeze(1)).view(-1)
+    keys = (scaled.view(torch.int32) >> 16) & 0xFFFF
+    codes = below.index_select(0, keys)
+    f32, i32, u8, flag = (torch.empty(n, dtype=d) for d in (torch.float32, torch.int32, torch.uint8, torch.bool))
+    ops: dict[str, Callable[[], object]] = {
+        "abs": lambda: torch.abs(blocks, out=f32.view(-1, q.BLOCK_SIZE)),
+        "amax": lambda: torch.amax(blocks, 1),
+        "divide": lambda: f32.view(-1, q.BLOCK_SIZE).div_(absmax.unsqueeze(1)),
+        "shift": lambda: torch.bitwise_right_shift(scaled.view(torch.int32), 16, out=i32),
+        "mask": lambda: i32.bitwise_and_(0xFFFF),
+        "LOOKUP code below": lambda: torch.index_select(below, 0, keys, out=u8),
+        "LOOKUP midpoint": lambda: torch.index_select(inside, 0, keys, out=f32),
+        "compare": lambda: torch.ge(scaled, f32, out=flag),
+        "add": lambda: u8.add_(flag),
+        "codes to int32": lambda: i32.copy_(codes),
+        "LOOKUP code map": lambda: torch.index_select(code_map, 0, codes.int(), out=f32),
+        "multiply": lambda: f32.view(-1, q.BLOCK_SIZE).mul_(absmax.unsqueeze(1)),
+    }
+    threads = torch.get_num_threads()
+    print(f"\n8-bit ops on one {n}-element state, best us per call:\n")
+    print("| op | 1 thread | 2 threads |\n|---|---:|---:|")
+    rows = {}
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        for name, call in ops.items():
+            rows.setdefault(name, []).append(best_us(call))
+    torch.set_num_threads(threads)
+    for name, (one, two) in rows.items():
+        print(f"| {name} | {one:.0f} | {two:.0f} |")
+    small = torch.randn(q.BLOCK_SIZE)
+    small_codes, small_absmax = q.quantize(small, True)
+    buffer = torch.empty(q.BLOCK_SIZE)
+
+    def round_trip() -> None:
+        q.dequantize(small_codes, small_absmax, True, small.shape, out=buffer)
+        q.quantize_into(buffer, True, small_codes, small_absmax)
+
+    print(f"\nper-call overhead (dequantise + quantise of a {q.BLOCK_SIZE}-element state): {best_us(round_trip):.0f} us")
+
+
+def sixty_m_states() -> list[tuple[torch.Tensor, torch.Tensor, bool, torch.Size]]:
+    generator = torch.Generator().manual_seed(0)
+    states = []
+    for i, shape in enumerate([(128, 512)] * 176 + [(128, 1376)] * 48):
+        signed = i % 2 == 0
+        x = torch.randn(shape, generator=generator)
+        x = x if signed else x.abs()
+        codes, absmax = q.quantize(x, signed)
+        states.append((codes, absmax, signed, x.shape))
+    return states
+
+
+def part_inplace() -> None:
+    states = sixty_m_states()
+
+    def allocating() -> None:
+        for codes, absmax, signed, shape in states:
+            q.quantize(q.dequantize(codes, absmax, signed, shape), signed)
+
+    def in_place() -> None:
+        for codes, absmax, signed, shape in states:
+            buffer = q.scratch("state0", codes.numel(), torch.float32, codes.device).view(shape)
+            q.quantize_into(q.dequantize(codes, absmax, signed, shape, out=buffer), signed, codes, absmax)
+
+    times = interleaved_ms({"allocating": allocating, "in place": in_place})
+    print("\n60m's 224 8-bit states, dequantise + quantise, interleaved median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+
+
+def part_compile() -> None:
+    def quantize_core(flat: torch.Tensor, below: torch.Tensor, inside: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = flat.view(-1, q.BLOCK_SIZE)
+        absmax = (blocks.abs() if signed else blocks).amax(1).clamp(min=1e-12)
+        scaled = (blocks / absmax.unsqueeze(1)).view(-1)
+        keys = (scaled.view(torch.int32) >> 16) & 0xFFFF
+        return below[keys] + (scaled >= inside[keys]).to(torch.uint8), absmax
+
+    def dequantize_core(codes: torch.Tensor, absmax: torch.Tensor, code_map: torch.Tensor) -> torch.Tensor:
+        return (code_map[codes.long()].view(-1, q.BLOCK_SIZE) * absmax.unsqueeze(1)).view(-1)
+
+    compiled_q, compiled_d = torch.compile(quantize_core, dynamic=True), torch.compile(dequantize_core, dynamic=True)
+    states = sixty_m_states()
+    start = time.perf_counter()
+    try:
+        for codes, absmax, signed, shape in states[:2]:
+            values = compiled_d(codes, absmax, q._code_map(signed, codes.device))
+            new_codes, new_absmax = compiled_q(values, *q._code_lookup(signed, codes.device), signed)
+            eager_codes, eager_absmax = q.quantize(q.dequantize(codes, absmax, signed, shape), signed)
+            assert torch.equal(new_codes, eager_codes) and torch.equal(new_absmax, eager_absmax), "compiled codes differ"
+    except Exception as error:  # no C++ toolchain, an inductor limitation: say so and go on
+        print(f"\ncompile: skipped ({type(error).__name__}: {error})")
+        return
+    compile_s = time.perf_counter() - start
+
+    def eager() -> None:
+        for codes, absmax, signed, shape in states:
+            buffer = q.scratch("state0", codes.numel(), torch.float32, codes.device).view(shape)
+            q.quantize_into(q.dequantize(codes, absmax, signed, shape, out=buffer), signed, codes, absmax)
+
+    def compiled() -> None:
+        for codes, absmax, signed, _ in states:
+            values = compiled_d(codes, absmax, q._code_map(signed, codes.device))
+            new_codes, new_absmax = compiled_q(values, *q._code_lookup(signed, codes.device), signed)
+            codes.copy_(new_codes)
+            absmax.copy_(new_absmax)
+
+    times = interleaved_ms({"eager (in place)": eager, "compiled": compiled})
+    print(f"\ntorch.compile(dynamic=True) of the (de)quantisation: same codes, {compile_s:.1f} s to compile; 60m's states, interleaved median ms: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+
+
+def part_fullrank() -> None:
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(32100, 768)] * 2 + [(768,)] * 25
+    params = [torch.randn(s, generator=generator) for s in shapes]
+    grads = [torch.randn(s, generator=generator) for s in shapes]
+    exp_avgs, exp_avg_sqs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    steps = [torch.tensor(1.0) for _ in params]
+
+    def fused() -> None:
+        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=1e-3, beta1=0.9, beta2=0.999,
+                            weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+
+    times = interleaved_ms({
+        "torch fused AdamW": fused,
+        "check by sum": lambda: torch.isfinite(torch.stack([g.sum() for g in grads])).all().item(),
+        "check by norm": lambda: torch.isfinite(torch.stack(torch._foreach_norm(grads))).all().item(),
+    }, rounds=10)
+    print("\n130m's full-rank tensors (2 x 32100 x 768 + 25 x 768), interleaved median ms: " + ", ".join(f"{k} {v:.2f}" for k, v in times.items()))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    runs = {"ops": part_ops, "inplace": part_inplace, "compile": part_compile, "fullrank": part_fullrank}
+    for part in args.parts:
+        runs[part]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
