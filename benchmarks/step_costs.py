@@ -3,13 +3,14 @@
 The figures behind docs/performance.md, "Not reached, not done":
 
 1. ``ops``: each op of an 8-bit dequantise + quantise of one 65536-element state, best of
-   5 x 200 calls, at 1 and 2 threads (the three table lookups against the rest), and the
-   per-call overhead (a 256-element state).
+   5 x 200 calls, at 1 and 2 threads (the three table lookups against the rest; torch's
+   other CPU gathers beside ``index_select``), and the per-call overhead (a 256-element state).
 2. ``inplace``: the step's in-place path (``dequantize(out=)``, ``quantize_into``) against
    the allocating one over the 60m model's 224 8-bit states (rank 128: 176 of 128 x 512, 48
    of 128 x 1376), interleaved rounds, median ms.
-3. ``compile``: the same (de)quantisation under ``torch.compile(dynamic=True)`` (checked to
-   give the same codes) against eager, interleaved; skipped where compile cannot build.
+3. ``compile``: the same maths written as one expression each for the compiler, under
+   ``torch.compile(dynamic=True)`` (checked to give the library's codes), against the
+   library's eager path, interleaved; skipped where compile cannot build.
 4. ``fullrank``: at 130m's full-rank shapes (2 x 32100 x 768 + 25 norms), torch's fused
    AdamW kernel against the finiteness checks by sum and by norm, interleaved, median ms.
 
@@ -72,6 +73,7 @@ def part_ops() -> None:
     keys = (scaled.view(torch.int32) >> 16) & 0xFFFF
     codes = below.index_select(0, keys)
     f32, i32, u8, flag = (torch.empty(n, dtype=d) for d in (torch.float32, torch.int32, torch.uint8, torch.bool))
+    long_codes = codes.long()
     ops: dict[str, Callable[[], object]] = {
         "abs": lambda: torch.abs(blocks, out=f32.view(-1, q.BLOCK_SIZE)),
         "amax": lambda: torch.amax(blocks, 1),
@@ -85,6 +87,10 @@ def part_ops() -> None:
         "codes to int32": lambda: i32.copy_(codes),
         "LOOKUP code map": lambda: torch.index_select(code_map, 0, codes.int(), out=f32),
         "multiply": lambda: f32.view(-1, q.BLOCK_SIZE).mul_(absmax.unsqueeze(1)),
+        # Other CPU gathers for the code-map lookup (int64 indices, which they need):
+        "(alt) take": lambda: torch.take(code_map, long_codes),
+        "(alt) gather": lambda: torch.gather(code_map, 0, long_codes),
+        "(alt) advanced indexing": lambda: code_map[long_codes],
     }
     threads = torch.get_num_threads()
     print(f"\n8-bit ops on one {n}-element state, best us per call:\n")

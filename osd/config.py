@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 
 
 # Settings that do not change what a resumed run computes: free to differ from the checkpoint's.
-# The last four only change what is printed or logged besides metrics.jsonl.
+# progress, log_interval, quiet and tensorboard only change what is printed or logged besides
+# metrics.jsonl; compact_heap only how the C heap hands memory back.
 FREE_ON_RESUME = frozenset(
     {"out_dir", "resume", "overwrite", "allow_change", "stop_at_step", "save_interval", "eval_interval",
      "eval_batches", "device", "fsdp", "spread_svd", "check_sync", "divergence_check",
