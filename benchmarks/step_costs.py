@@ -11,29 +11,34 @@ The figures behind docs/performance.md, "Not reached, not done":
 3. ``compile``: the same maths written as one expression each for the compiler, under
    ``torch.compile(dynamic=True)`` (checked to give the library's codes), against the
    library's eager path, interleaved; skipped where compile cannot build.
-4. ``fullrank``: at 130m's full-rank shapes (2 x 32100 x 768 + 25 norms), torch's fused
+4. ``native``: the compiled C kernels (``osd.native``) against the torch ops over the same
+   224 states, interleaved (parts 1-3 time the torch ops: ``OSD_NATIVE_KERNELS=0`` there).
+5. ``fullrank``: at 130m's full-rank shapes (2 x 32100 x 768 + 25 norms), torch's fused
    AdamW kernel against the finiteness checks by sum and by norm, interleaved, median ms.
 
-    python benchmarks/step_costs.py                 # all four
+    python benchmarks/step_costs.py                 # all five
     python benchmarks/step_costs.py --parts ops fullrank
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from osd import native  # noqa: E402
 from osd import quantization as q  # noqa: E402
 
-PARTS = ("ops", "inplace", "compile", "fullrank")
+PARTS = ("ops", "inplace", "compile", "native", "fullrank")
 
 
 def best_us(call: Callable[[], object], calls: int = 200, rounds: int = 5) -> float:
@@ -112,6 +117,39 @@ def part_ops() -> None:
         q.quantize_into(buffer, True, small_codes, small_absmax)
 
     print(f"\nper-call overhead (dequantise + quantise of a {q.BLOCK_SIZE}-element state): {best_us(round_trip):.0f} us")
+
+
+@contextlib.contextmanager
+def torch_ops() -> Iterator[None]:
+    """The 8-bit path through torch's ops, not the compiled kernels, within the block."""
+    before = os.environ.get("OSD_NATIVE_KERNELS")
+    os.environ["OSD_NATIVE_KERNELS"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["OSD_NATIVE_KERNELS"]
+        else:
+            os.environ["OSD_NATIVE_KERNELS"] = before
+
+
+def part_native() -> None:
+    if not native.available():
+        print("\nnative: skipped (the C kernels could not be built here: no working C compiler)")
+        return
+    states = sixty_m_states()
+
+    def round_trips() -> None:
+        for codes, absmax, signed, shape in states:
+            buffer = q.scratch("state0", codes.numel(), torch.float32, codes.device).view(shape)
+            q.quantize_into(q.dequantize(codes, absmax, signed, shape, out=buffer), signed, codes, absmax)
+
+    def through_torch() -> None:
+        with torch_ops():
+            round_trips()
+
+    times = interleaved_ms({"C kernels": round_trips, "torch ops": through_torch})
+    print("\n60m's 224 8-bit states, dequantise + quantise, interleaved median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
 
 
 def sixty_m_states() -> list[tuple[torch.Tensor, torch.Tensor, bool, torch.Size]]:
@@ -209,9 +247,10 @@ def main() -> int:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    runs = {"ops": part_ops, "inplace": part_inplace, "compile": part_compile, "fullrank": part_fullrank}
+    runs = {"ops": part_ops, "inplace": part_inplace, "compile": part_compile, "native": part_native, "fullrank": part_fullrank}
     for part in args.parts:
-        runs[part]()
+        with torch_ops() if part in ("ops", "inplace", "compile") else contextlib.nullcontext():
+            runs[part]()
     return 0
 
 

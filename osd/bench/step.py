@@ -17,8 +17,9 @@ every parameter is timed for:
 - ``galore_adamw_8bit``, ``osd_adamw_8bit``: the same with 8-bit states (``optim_bits=8``).
 
 Each step is set beside its floor (:mod:`osd.bench.floor`): its matrix-product FLOPs at this
-machine's measured GEMM rate plus its compulsory bytes at the measured bandwidth; the table
-gives the step / floor ratio. The full-rank group (embeddings, norms) is timed alone too,
+machine's GEMM rate plus its compulsory bytes at its bandwidth, both measured right after
+that optimizer's steps (a shared machine's speed drifts over a run: each ratio prices its
+step at the speed of the moment); the table gives the step / floor ratio. The full-rank group (embeddings, norms) is timed alone too,
 osd's path against ``torch.optim.AdamW(fused=True)`` on the same tensors. ``aten ops`` counts
 the ATen operations (about one kernel launch each on a GPU) of one regular ``step()`` of a
 single projected MLP weight of the preset, for the projected optimizers.
@@ -42,6 +43,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from osd import native
 from osd.bench.floor import floor_ms, measure_rates, step_cost
 from osd.bench.results import (
     format_ms,
@@ -213,16 +215,15 @@ def bench_preset(preset: str, args: argparse.Namespace, throughput: bool, bar: t
     tokens = batch["input_ids"].numel()
     forward_backward(model, batch)
     result: dict[str, Any] = {"preset": preset, "rank": rank, "parameters": sum(p.numel() for p in model.parameters()), "tokens_per_step": tokens, "optimizers": {}}
-    rates = None
+    result["native_kernels"] = device.type == "cpu" and native.available()
     for name in args.optimizers:
         bar.set_postfix_str(f"{preset} {name} step")
         times, optimizer = step_times(model, name, rank, args.gap, args.repeats, args.warmup)
         cost = step_cost(optimizer)
         del optimizer
-        if rates is None or set(cost.gemm_flops) - set(rates.gemm):
-            rates = measure_rates(sorted(set(cost.gemm_flops) | set(rates.gemm if rates else ())), device)
-            result["machine_rates"] = {"gemm_gflops": {f"{m}x{n}:{r}": rate / 1e9 for (m, n, r), rate in rates.gemm.items()}, "bandwidth_gbs": rates.bandwidth / 1e9}
-        entry: dict[str, Any] = {"step": summarize(times), "gflop": cost.flops / 1e9, "mbytes": cost.bytes / 1e6, "floor_ms": floor_ms(cost, rates)}
+        rates = measure_rates(sorted(cost.gemm_flops), device)
+        entry: dict[str, Any] = {"step": summarize(times), "gflop": cost.flops / 1e9, "mbytes": cost.bytes / 1e6, "floor_ms": floor_ms(cost, rates),
+                                 "machine_rates": {"gemm_gflops": {f"{m}x{n}:{r}": rate / 1e9 for (m, n, r), rate in rates.gemm.items()}, "bandwidth_gbs": rates.bandwidth / 1e9}}
         entry["vs_floor"] = entry["step"]["median_ms"] / entry["floor_ms"]
         if name not in ("adamw", "adamw_fused"):
             entry["aten_ops_per_projected_weight"] = aten_ops_per_projected_weight(preset, name, rank, args.gap, device)
@@ -278,15 +279,17 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
                                    f"{e['tokens_per_s']:.0f}", f"{e['throughput_vs_adamw']:.3f}x" if "throughput_vs_adamw" in e else "—"])
         g = res["full_rank_group"]
         group_rows.append([res["preset"], format_ms(g["osd"]), format_ms(g["torch_fused"]), f"{g['osd_vs_torch_fused']:.2f}x"])
-        gemm = ", ".join(f"{shape}: {rate:.0f}" for shape, rate in res["machine_rates"]["gemm_gflops"].items())
-        rate_lines.append(f"- {res['preset']}: GEMM GFLOP/s by shape m x n : r ({gemm}); bandwidth {res['machine_rates']['bandwidth_gbs']:.1f} GB/s")
+        rate_lines.append(f"- {res['preset']}: " + rate_ranges([e["machine_rates"] for e in res["optimizers"].values()]))
     text = (
         f"`optimizer.step()` over all parameters, median (min–max) ms of {args.repeats} steps after {args.warmup} warm-up "
         f"(refresh: {args.refresh_repeats} after 1); amortised = regular + (refresh − regular) / {args.gap}.\n\n"
         + markdown_table(["preset", "rank", "optimizer", "step (ms)", "floor (ms)", "step / floor", "GFLOP", "MB moved", "aten ops / projected weight",
                           "refresh step (ms)", "amortised step (ms)", "vs AdamW (foreach)", "8-bit vs 32-bit"], step_rows, numeric_from=3)
-        + "\n\nFloor = matrix-product FLOPs at the measured GEMM rate of their shape + compulsory bytes at the measured copy bandwidth:\n"
+        + "\n\nFloor = matrix-product FLOPs at the measured GEMM rate of their shape + compulsory bytes at the measured copy bandwidth, "
+        "each measured right after that optimizer's steps (lowest–highest over the optimizers):\n"
         + "\n".join(rate_lines)
+        + "\n\n8-bit (de)quantisation: "
+        + ("the compiled C kernels (osd.native)" if all(res.get("native_kernels") for res in results) else "torch ops (osd.native not available here, or not on a CPU)")
         + "\n\nThe full-rank group alone (parameters osd_adamw does not project), interleaved, median (min–max) ms:\n\n"
         + markdown_table(["preset", "osd full-rank path", "torch AdamW fused", "osd / torch fused"], group_rows)
         + "\n"
@@ -300,6 +303,17 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             + "\n"
         )
     return text
+
+
+def rate_ranges(rates: list[dict[str, Any]]) -> str:
+    """``GEMM GFLOP/s by shape (lo–hi, ...); bandwidth lo–hi GB/s`` over the optimizers' measurements."""
+    by_shape: dict[str, list[float]] = {}
+    for measured in rates:
+        for shape, rate in measured["gemm_gflops"].items():
+            by_shape.setdefault(shape, []).append(rate)
+    bandwidths = [measured["bandwidth_gbs"] for measured in rates]
+    gemm = ", ".join(f"{shape}: {min(values):.0f}–{max(values):.0f}" for shape, values in by_shape.items())
+    return f"GEMM GFLOP/s by shape m x n : r ({gemm}); bandwidth {min(bandwidths):.1f}–{max(bandwidths):.1f} GB/s"
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
