@@ -16,10 +16,12 @@ every parameter is timed for:
 - ``osd_adamw``: every step moves ``P`` (one online-PCA step), so there is no refresh;
 - ``galore_adamw_8bit``, ``osd_adamw_8bit``: the same with 8-bit states (``optim_bits=8``).
 
+The optimizers step in turn, one step each per round, on the same tensors
+(:func:`interleaved_step_times`), so that a shared machine's drifting speed hits them alike.
 Each step is set beside its floor (:mod:`osd.bench.floor`): its matrix-product FLOPs at this
-machine's GEMM rate plus its compulsory bytes at its bandwidth, both measured right after
-that optimizer's steps (a shared machine's speed drifts over a run: each ratio prices its
-step at the speed of the moment); the table gives the step / floor ratio. The full-rank group (embeddings, norms) is timed alone too,
+machine's GEMM rate plus its compulsory bytes at its bandwidth, both measured again right
+after that step; the table gives the median over rounds of step / floor, and for the 8-bit
+variants the median over rounds of 8-bit / 32-bit step. The full-rank group (embeddings, norms) is timed alone too,
 osd's path against ``torch.optim.AdamW(fused=True)`` on the same tensors. ``aten ops`` counts
 the ATen operations (about one kernel launch each on a GPU) of one regular ``step()`` of a
 single projected MLP weight of the preset, for the projected optimizers.
@@ -36,7 +38,9 @@ of one training step of optimizer ``NAME`` (forward, backward and step).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +48,7 @@ import torch
 from tqdm import tqdm
 
 from osd import native
-from osd.bench.floor import floor_ms, measure_rates, step_cost
+from osd.bench.floor import MachineRates, StepCost, floor_ms, measure_rates, step_cost
 from osd.bench.results import (
     format_ms,
     machine_info,
@@ -105,6 +109,44 @@ def step_times(model: torch.nn.Module, name: str, rank: int, gap: int, repeats: 
     the warm-up steps create the state (and, for GaLore/GoLore, take the first refresh)."""
     optimizer = make_optimizer(model, name, rank, gap)
     return measure(lambda: optimizer.step, repeats, warmup, device_of(model)), optimizer
+
+
+@dataclass
+class Timed:
+    """One optimizer's steps from :func:`interleaved_step_times`: per timed round, the step
+    (ms), its floor (ms) at the rates measured right after it, and those rates."""
+
+    cost: StepCost
+    times: list[float] = field(default_factory=list)
+    floors: list[float] = field(default_factory=list)
+    rates: list[MachineRates] = field(default_factory=list)
+
+
+def interleaved_step_times(model: torch.nn.Module, names: list[str], rank: int, gap: int, repeats: int, warmup: int) -> dict[str, Timed]:
+    """Every optimizer of ``names`` on ``model``'s gradients, one step of each in turn (round
+    robin, the weights restored after each step so that all step the same tensors); after
+    each timed step the GEMM rates of that optimizer's shapes and the bandwidth are measured
+    again, and the step is priced at them. A shared machine's speed drifts by tens of percent
+    within minutes: interleaving makes ratios between optimizers, and each step / floor,
+    compare like with like. Warm-up rounds create the states (GaLore/GoLore's first refresh)."""
+    device = device_of(model)
+    params = list(model.parameters())
+    saved = [p.detach().clone() for p in params]
+    optimizers = {name: make_optimizer(model, name, rank, gap) for name in names}
+    timed: dict[str, Timed] = {}
+    for i in range(warmup + repeats):
+        for name, optimizer in optimizers.items():
+            elapsed = measure(lambda: optimizer.step, 1, 0, device)
+            with torch.no_grad():
+                torch._foreach_copy_(params, saved)
+            if i < warmup:
+                continue
+            entry = timed.setdefault(name, Timed(step_cost(optimizer)))
+            rates = measure_rates(sorted(entry.cost.gemm_flops), device, repeats=3, copy_mib=64)
+            entry.times += elapsed
+            entry.floors.append(floor_ms(entry.cost, rates))
+            entry.rates.append(rates)
+    return timed
 
 
 def full_rank_group_times(model: torch.nn.Module, repeats: int, warmup: int) -> dict[str, list[float]]:
@@ -216,15 +258,18 @@ def bench_preset(preset: str, args: argparse.Namespace, throughput: bool, bar: t
     forward_backward(model, batch)
     result: dict[str, Any] = {"preset": preset, "rank": rank, "parameters": sum(p.numel() for p in model.parameters()), "tokens_per_step": tokens, "optimizers": {}}
     result["native_kernels"] = device.type == "cpu" and native.available()
+    bar.set_postfix_str(f"{preset} steps, interleaved")
+    timed = interleaved_step_times(model, args.optimizers, rank, args.gap, args.repeats, args.warmup)
     for name in args.optimizers:
-        bar.set_postfix_str(f"{preset} {name} step")
-        times, optimizer = step_times(model, name, rank, args.gap, args.repeats, args.warmup)
-        cost = step_cost(optimizer)
-        del optimizer
-        rates = measure_rates(sorted(cost.gemm_flops), device)
-        entry: dict[str, Any] = {"step": summarize(times), "gflop": cost.flops / 1e9, "mbytes": cost.bytes / 1e6, "floor_ms": floor_ms(cost, rates),
-                                 "machine_rates": {"gemm_gflops": {f"{m}x{n}:{r}": rate / 1e9 for (m, n, r), rate in rates.gemm.items()}, "bandwidth_gbs": rates.bandwidth / 1e9}}
-        entry["vs_floor"] = entry["step"]["median_ms"] / entry["floor_ms"]
+        bar.set_postfix_str(f"{preset} {name}")
+        t = timed[name]
+        entry: dict[str, Any] = {"step": summarize(t.times), "gflop": t.cost.flops / 1e9, "mbytes": t.cost.bytes / 1e6,
+                                 "floor_ms": statistics.median(t.floors), "floors_ms": t.floors, "vs_floor": statistics.median(a / b for a, b in zip(t.times, t.floors)),
+                                 "machine_rates": {"gemm_gflops": {f"{m}x{n}:{r}": [rates.gemm[(m, n, r)] / 1e9 for rates in t.rates] for (m, n, r) in t.cost.gemm_flops},
+                                                   "bandwidth_gbs": [rates.bandwidth / 1e9 for rates in t.rates]}}
+        thirty_two = timed.get(name.removesuffix(EIGHT_BIT)) if name.endswith(EIGHT_BIT) else None
+        if thirty_two:
+            entry["vs_32bit"] = statistics.median(a / b for a, b in zip(t.times, thirty_two.times))
         if name not in ("adamw", "adamw_fused"):
             entry["aten_ops_per_projected_weight"] = aten_ops_per_projected_weight(preset, name, rank, args.gap, device)
         regular = entry["step"]["median_ms"]
@@ -235,7 +280,7 @@ def bench_preset(preset: str, args: argparse.Namespace, throughput: bool, bar: t
         result["optimizers"][name] = entry
         bar.update()
     bar.set_postfix_str(f"{preset} full-rank group")
-    group_times = full_rank_group_times(model, args.repeats, args.warmup)
+    group_times = full_rank_group_times(model, 4 * args.repeats, args.warmup)  # a few ms a round: more rounds for a steadier median
     result["full_rank_group"] = {key: summarize(value) for key, value in group_times.items()}
     result["full_rank_group"]["osd_vs_torch_fused"] = result["full_rank_group"]["osd"]["median_ms"] / result["full_rank_group"]["torch_fused"]["median_ms"]
     if throughput:
@@ -268,8 +313,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         for name, e in res["optimizers"].items():
             refresh = format_ms(e["refresh_step"]) if "refresh_step" in e else "—"
             ratio = f"{e['amortised_step_ms'] / base:.2f}x" if base else "—"
-            thirty_two = res["optimizers"].get(name.removesuffix(EIGHT_BIT)) if name.endswith(EIGHT_BIT) else None
-            vs_32 = f"{e['step']['median_ms'] / thirty_two['step']['median_ms']:.2f}x" if thirty_two else "—"
+            vs_32 = f"{e['vs_32bit']:.2f}x" if "vs_32bit" in e else "—"
             step_rows.append([res["preset"], res["rank"], name, format_ms(e["step"]), f"{e['floor_ms']:.1f}", f"{e['vs_floor']:.2f}x",
                               f"{e['gflop']:.2f}", f"{e['mbytes']:.0f}", e.get("aten_ops_per_projected_weight", "—"), refresh,
                               f"{e['amortised_step_ms']:.2f}", ratio, vs_32])
@@ -281,12 +325,13 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         group_rows.append([res["preset"], format_ms(g["osd"]), format_ms(g["torch_fused"]), f"{g['osd_vs_torch_fused']:.2f}x"])
         rate_lines.append(f"- {res['preset']}: " + rate_ranges([e["machine_rates"] for e in res["optimizers"].values()]))
     text = (
-        f"`optimizer.step()` over all parameters, median (min–max) ms of {args.repeats} steps after {args.warmup} warm-up "
-        f"(refresh: {args.refresh_repeats} after 1); amortised = regular + (refresh − regular) / {args.gap}.\n\n"
+        f"`optimizer.step()` over all parameters, median (min–max) ms of {args.repeats} steps after {args.warmup} warm-up, "
+        "the optimizers interleaved (one step of each in turn, on the same tensors); step / floor and 8-bit vs 32-bit are medians of "
+        f"per-round ratios (refresh: {args.refresh_repeats} after 1); amortised = regular + (refresh − regular) / {args.gap}.\n\n"
         + markdown_table(["preset", "rank", "optimizer", "step (ms)", "floor (ms)", "step / floor", "GFLOP", "MB moved", "aten ops / projected weight",
                           "refresh step (ms)", "amortised step (ms)", "vs AdamW (foreach)", "8-bit vs 32-bit"], step_rows, numeric_from=3)
         + "\n\nFloor = matrix-product FLOPs at the measured GEMM rate of their shape + compulsory bytes at the measured copy bandwidth, "
-        "each measured right after that optimizer's steps (lowest–highest over the optimizers):\n"
+        "each measured right after every timed step (lowest–highest over the run):\n"
         + "\n".join(rate_lines)
         + "\n\n8-bit (de)quantisation: "
         + ("the compiled C kernels (osd.native)" if all(res.get("native_kernels") for res in results) else "torch ops (osd.native not available here, or not on a CPU)")
@@ -306,12 +351,12 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 def rate_ranges(rates: list[dict[str, Any]]) -> str:
-    """``GEMM GFLOP/s by shape (lo–hi, ...); bandwidth lo–hi GB/s`` over the optimizers' measurements."""
+    """``GEMM GFLOP/s by shape (lo–hi, ...); bandwidth lo–hi GB/s`` over every measurement of the optimizers."""
     by_shape: dict[str, list[float]] = {}
     for measured in rates:
-        for shape, rate in measured["gemm_gflops"].items():
-            by_shape.setdefault(shape, []).append(rate)
-    bandwidths = [measured["bandwidth_gbs"] for measured in rates]
+        for shape, values in measured["gemm_gflops"].items():
+            by_shape.setdefault(shape, []).extend(values)
+    bandwidths = [value for measured in rates for value in measured["bandwidth_gbs"]]
     gemm = ", ".join(f"{shape}: {min(values):.0f}–{max(values):.0f}" for shape, values in by_shape.items())
     return f"GEMM GFLOP/s by shape m x n : r ({gemm}); bandwidth {min(bandwidths):.1f}–{max(bandwidths):.1f} GB/s"
 
