@@ -21,8 +21,9 @@ The optimizers step in turn, one step each per round, on the same tensors
 Each step is set beside its floor (:mod:`osd.bench.floor`): its matrix-product FLOPs at this
 machine's GEMM rate plus its compulsory bytes at its bandwidth, both measured again right
 after that step; the table gives the median over rounds of step / floor, and for the 8-bit
-variants the median over rounds of 8-bit / 32-bit step. The full-rank group (embeddings, norms) is timed alone too,
-osd's path against ``torch.optim.AdamW(fused=True)`` on the same tensors. ``aten ops`` counts
+variants the median over rounds of 8-bit / 32-bit step. The full-rank group (embeddings,
+norms) is timed alone too, osd's path against ``torch.optim.AdamW(fused=True)`` on the same
+tensors, interleaved, over four times ``--repeats`` rounds. ``aten ops`` counts
 the ATen operations (about one kernel launch each on a GPU) of one regular ``step()`` of a
 single projected MLP weight of the preset, for the projected optimizers.
 
@@ -280,7 +281,7 @@ def bench_preset(preset: str, args: argparse.Namespace, throughput: bool, bar: t
         result["optimizers"][name] = entry
         bar.update()
     bar.set_postfix_str(f"{preset} full-rank group")
-    group_times = full_rank_group_times(model, 4 * args.repeats, args.warmup)  # a few ms a round: more rounds for a steadier median
+    group_times = full_rank_group_times(model, 4 * args.repeats, args.warmup)
     result["full_rank_group"] = {key: summarize(value) for key, value in group_times.items()}
     result["full_rank_group"]["osd_vs_torch_fused"] = result["full_rank_group"]["osd"]["median_ms"] / result["full_rank_group"]["torch_fused"]["median_ms"]
     if throughput:
@@ -335,7 +336,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         + "\n".join(rate_lines)
         + "\n\n8-bit (de)quantisation: "
         + ("the compiled C kernels (osd.native)" if all(res.get("native_kernels") for res in results) else "torch ops (osd.native not available here, or not on a CPU)")
-        + "\n\nThe full-rank group alone (parameters osd_adamw does not project), interleaved, median (min–max) ms:\n\n"
+        + f"\n\nThe full-rank group alone (parameters osd_adamw does not project), interleaved, median (min–max) ms of {4 * args.repeats} rounds:\n\n"
         + markdown_table(["preset", "osd full-rank path", "torch AdamW fused", "osd / torch fused"], group_rows)
         + "\n"
     )
