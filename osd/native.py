@@ -91,7 +91,8 @@ def available() -> bool:
 
 
 def _fits(*tensors: tuple[Tensor, torch.dtype, int]) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() and t.numel() == numel for t, dtype, numel in tensors)
+    """Plain (not subclassed: no DTensor), contiguous CPU tensors of these dtypes and sizes."""
+    return all(type(t) is Tensor and t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() and t.numel() == numel for t, dtype, numel in tensors)
 
 
 def dequantize_blockwise(codes: Tensor, absmax: Tensor, code_map: Tensor, out: Tensor, block: int) -> bool:
