@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
-NONFINITE_POLICIES = ("raise", "skip")
+NONFINITE_POLICIES = ("raise", "skip", "unchecked")
 
 SUBSPACE_DEFAULTS: dict[str, Any] = {
     "rank": None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -176,6 +177,44 @@ def test_nonfinite_gradient_skip_policy_skips_the_whole_step() -> None:
     poisoned.grad = torch.randn(8, 12)
     opt.step()
     assert all(torch.isfinite(p).all() and opt.state[p]["step"] == 2 for p in (good, poisoned))
+
+
+def test_unchecked_policy_reads_no_gradient_twice_and_steps_like_torch() -> None:
+    """``nonfinite="unchecked"``: with finite gradients the same steps as the checked default,
+    bit for bit, without the check's ``sum`` over the fused-kernel gradients or its device
+    synchronisation; a NaN gradient goes through as in ``torch.optim.AdamW(fused=True)``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def run(policy: str, ops: Ops | None = None) -> list[torch.Tensor]:
+        weight, vector = matrix(seed=4), torch.nn.Parameter(torch.randn(12, generator=torch.Generator().manual_seed(6)))
+        opt = osd.OSDAdamW([{"params": [weight], "rank": 3}, {"params": [vector]}], lr=1e-2, nonfinite=policy)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            weight.grad, vector.grad = torch.randn(8, 12, generator=generator), torch.randn(12, generator=generator)
+            with ops or contextlib.nullcontext():
+                opt.step()
+        return [weight.detach(), vector.detach()]
+
+    checked, unchecked = Ops(), Ops()
+    assert all(torch.equal(a, b) for a, b in zip(run("raise", checked), run("unchecked", unchecked)))
+    assert "sum.default" in checked.names and "sum.default" not in unchecked.names
+    assert "_local_scalar_dense.default" in checked.names and "_local_scalar_dense.default" not in unchecked.names
+    ours, theirs = matrix(seed=5), matrix(seed=5)
+    grad = torch.randn(8, 12)
+    grad[1, 2] = float("nan")
+    ours.grad, theirs.grad = grad.clone(), grad.clone()
+    osd.SubspaceOptimizer([ours], projector="identity", lr=1e-2, nonfinite="unchecked").step()
+    torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.0, fused=True).step()
+    assert torch.isnan(ours[1, 2]) and torch.equal(ours.nan_to_num(), theirs.nan_to_num())
 
 
 def test_rank_at_least_the_smaller_side_is_exact_full_rank() -> None:

@@ -153,11 +153,13 @@ def interleaved_step_times(model: torch.nn.Module, names: list[str], rank: int, 
 
 def full_rank_group_times(model: torch.nn.Module, repeats: int, warmup: int) -> dict[str, list[float]]:
     """Step times (ms) of the full-rank parameters alone (the ones ``osd_adamw`` does not
-    project), through osd's full-rank path and through ``torch.optim.AdamW(fused=True)``,
-    interleaved. The parameters are restored after each step, so both see the same tensors."""
+    project), through osd's full-rank path (checked, the default, and ``nonfinite="unchecked"``)
+    and through ``torch.optim.AdamW(fused=True)``, interleaved. The parameters are restored after each step, so both see the same tensors."""
     projected = {id(p) for group in make_optimizer(model, "osd_adamw", 1, 200).param_groups if group.get("rank") for p in group["params"]}
     params = [p for p in model.parameters() if id(p) not in projected]
-    optimizers = {"osd": SubspaceOptimizer(params, lr=1e-3, projector="identity"), "torch_fused": torch.optim.AdamW(params, lr=1e-3, fused=True)}
+    optimizers = {"osd": SubspaceOptimizer(params, lr=1e-3, projector="identity"),
+                  "osd_unchecked": SubspaceOptimizer(params, lr=1e-3, projector="identity", nonfinite="unchecked"),
+                  "torch_fused": torch.optim.AdamW(params, lr=1e-3, fused=True)}
     saved = [p.detach().clone() for p in params]
     times: dict[str, list[float]] = {name: [] for name in optimizers}
     for i in range(warmup + repeats):
@@ -284,7 +286,8 @@ def bench_preset(preset: str, args: argparse.Namespace, throughput: bool, bar: t
     bar.set_postfix_str(f"{preset} full-rank group")
     group_times = full_rank_group_times(model, 4 * args.repeats, args.warmup)
     result["full_rank_group"] = {key: summarize(value) for key, value in group_times.items()}
-    result["full_rank_group"]["osd_vs_torch_fused"] = statistics.median(a / b for a, b in zip(group_times["osd"], group_times["torch_fused"]))
+    for name in ("osd", "osd_unchecked"):
+        result["full_rank_group"][f"{name}_vs_torch_fused"] = statistics.median(a / b for a, b in zip(group_times[name], group_times["torch_fused"]))
     if throughput:
         bar.set_postfix_str(f"{preset} train")
         names = [name for name in args.optimizers if name in args.throughput_optimizers]
@@ -327,7 +330,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 train_rows.append([res["preset"], name, format_ms(t["forward_backward"]), format_ms(t["step"]), format_ms(t["train_step"]),
                                    f"{e['tokens_per_s']:.0f}", f"{e['throughput_vs_adamw']:.3f}x" if "throughput_vs_adamw" in e else "—"])
         g = res["full_rank_group"]
-        group_rows.append([res["preset"], format_ms(g["osd"]), format_ms(g["torch_fused"]), f"{g['osd_vs_torch_fused']:.2f}x"])
+        group_rows.append([res["preset"], format_ms(g["osd"]), format_ms(g["osd_unchecked"]), format_ms(g["torch_fused"]),
+                           f"{g['osd_vs_torch_fused']:.2f}x", f"{g['osd_unchecked_vs_torch_fused']:.2f}x"])
         rate_lines.append(f"- {res['preset']}: " + rate_ranges([e["machine_rates"] for e in res["optimizers"].values()]))
     text = (
         f"`optimizer.step()` over all parameters, median (min–max) ms of {args.repeats} steps after {args.warmup} warm-up, "
@@ -341,7 +345,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         + "\n\n8-bit (de)quantisation: "
         + ("the compiled C kernels (osd.native)" if all(res.get("native_kernels") for res in results) else "torch ops (osd.native not available here, or not on a CPU)")
         + f"\n\nThe full-rank group alone (parameters osd_adamw does not project), interleaved, median (min–max) ms of {4 * args.repeats} rounds; osd / torch: the median of per-round ratios:\n\n"
-        + markdown_table(["preset", "osd full-rank path", "torch AdamW fused", "osd / torch fused"], group_rows)
+        + markdown_table(["preset", "osd full-rank path", "osd, nonfinite='unchecked'", "torch AdamW fused", "osd / torch fused", "unchecked / torch fused"], group_rows)
         + "\n"
     )
     if train_rows:
