@@ -151,10 +151,26 @@ def interleaved_step_times(model: torch.nn.Module, names: list[str], rank: int, 
     return timed
 
 
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median over rounds of ``numerators[i] / denominators[i]`` (paired rounds: drift common to both cancels)."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
+
+
+def step_entry(t: Timed) -> dict[str, Any]:
+    """The report entry of one optimizer's interleaved steps: times, cost, floors, their per-round ratio and the rates."""
+    return {
+        "step": summarize(t.times), "gflop": t.cost.flops / 1e9, "mbytes": t.cost.bytes / 1e6,
+        "floor_ms": statistics.median(t.floors), "floors_ms": t.floors, "vs_floor": median_ratio(t.times, t.floors),
+        "machine_rates": {"gemm_gflops": {f"{m}x{n}:{r}": [rates.gemm[(m, n, r)] / 1e9 for rates in t.rates] for (m, n, r) in t.cost.gemm_flops},
+                          "bandwidth_gbs": [rates.bandwidth / 1e9 for rates in t.rates]},
+    }
+
+
 def full_rank_group_times(model: torch.nn.Module, repeats: int, warmup: int) -> dict[str, list[float]]:
     """Step times (ms) of the full-rank parameters alone (the ones ``osd_adamw`` does not
     project), through osd's full-rank path (checked, the default, and ``nonfinite="unchecked"``)
-    and through ``torch.optim.AdamW(fused=True)``, interleaved. The parameters are restored after each step, so both see the same tensors."""
+    and through ``torch.optim.AdamW(fused=True)``, interleaved. The parameters are restored
+    after each step, so all three see the same tensors."""
     projected = {id(p) for group in make_optimizer(model, "osd_adamw", 1, 200).param_groups if group.get("rank") for p in group["params"]}
     params = [p for p in model.parameters() if id(p) not in projected]
     optimizers = {"osd": SubspaceOptimizer(params, lr=1e-3, projector="identity"),
@@ -266,14 +282,10 @@ def bench_preset(preset: str, args: argparse.Namespace, throughput: bool, bar: t
     timed = interleaved_step_times(model, args.optimizers, rank, args.gap, args.repeats, args.warmup)
     for name in args.optimizers:
         bar.set_postfix_str(f"{preset} {name}")
-        t = timed[name]
-        entry: dict[str, Any] = {"step": summarize(t.times), "gflop": t.cost.flops / 1e9, "mbytes": t.cost.bytes / 1e6,
-                                 "floor_ms": statistics.median(t.floors), "floors_ms": t.floors, "vs_floor": statistics.median(a / b for a, b in zip(t.times, t.floors)),
-                                 "machine_rates": {"gemm_gflops": {f"{m}x{n}:{r}": [rates.gemm[(m, n, r)] / 1e9 for rates in t.rates] for (m, n, r) in t.cost.gemm_flops},
-                                                   "bandwidth_gbs": [rates.bandwidth / 1e9 for rates in t.rates]}}
+        entry = step_entry(timed[name])
         thirty_two = timed.get(name.removesuffix(EIGHT_BIT)) if name.endswith(EIGHT_BIT) else None
         if thirty_two:
-            entry["vs_32bit"] = statistics.median(a / b for a, b in zip(t.times, thirty_two.times))
+            entry["vs_32bit"] = median_ratio(timed[name].times, thirty_two.times)
         if name not in ("adamw", "adamw_fused"):
             entry["aten_ops_per_projected_weight"] = aten_ops_per_projected_weight(preset, name, rank, args.gap, device)
         regular = entry["step"]["median_ms"]
@@ -287,7 +299,7 @@ def bench_preset(preset: str, args: argparse.Namespace, throughput: bool, bar: t
     group_times = full_rank_group_times(model, 4 * args.repeats, args.warmup)
     result["full_rank_group"] = {key: summarize(value) for key, value in group_times.items()}
     for name in ("osd", "osd_unchecked"):
-        result["full_rank_group"][f"{name}_vs_torch_fused"] = statistics.median(a / b for a, b in zip(group_times[name], group_times["torch_fused"]))
+        result["full_rank_group"][f"{name}_vs_torch_fused"] = median_ratio(group_times[name], group_times["torch_fused"])
     if throughput:
         bar.set_postfix_str(f"{preset} train")
         names = [name for name in args.optimizers if name in args.throughput_optimizers]
@@ -306,7 +318,7 @@ def bench_preset(preset: str, args: argparse.Namespace, throughput: bool, bar: t
                 return [t + result["optimizers"][name].get("refresh_overhead_ms", 0.0) for t in all_times[name]["train_step"]]
 
             for name in all_times:  # paired rounds: the forward+backward's drift, common to both, cancels
-                result["optimizers"][name]["throughput_vs_adamw"] = statistics.median(a / b for a, b in zip(amortised(base_name), amortised(name)))
+                result["optimizers"][name]["throughput_vs_adamw"] = median_ratio(amortised(base_name), amortised(name))
         if args.profile:
             bar.set_postfix_str(f"{preset} {args.profile} profile")
             path = profile_train_step(model, batch, args.profile, rank, args.gap, Path(args.out) / f"profile_{preset}_{args.profile}.txt")
