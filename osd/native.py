@@ -3,12 +3,12 @@
 Run as torch ops, a dequantise + quantise of one state is eleven passes over it, three of
 them table lookups (``index_select``, a serial loop); the same maths as one C loop per
 direction (``csrc/blockwise8.c``) gives the same codes, maxima and values bit for bit
-(``tests/test_native.py``) in 2-3x less time on this project's CPU
-(``benchmarks/step_costs.py --parts native``).
+(``tests/test_native.py``) in 2-2.5x less time on this project's CPU
+(``benchmarks/step_costs.py --parts native``; docs/performance.md).
 
 Why not a library: bitsandbytes' CPU kernels are the nearest, but its quantiser picks other
 codes than the nearest (about 3% of them for a second moment) and runs slower than the torch
-path; ``torch.compile`` of the same maths ran slower than eager here; and a
+path; ``torch.compile`` of the same maths was no faster than eager here; and a
 ``torch.utils.cpp_extension`` build needs the torch headers and a minute per build, for two
 loops that use nothing of torch.
 
