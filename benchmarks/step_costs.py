@@ -9,14 +9,18 @@ The figures behind docs/performance.md, "Not reached, not done":
    the allocating one over the 60m model's 224 8-bit states (rank 128: 176 of 128 x 512, 48
    of 128 x 1376), interleaved rounds, median ms.
 3. ``compile``: the same maths written as one expression each for the compiler, under
-   ``torch.compile(dynamic=True)`` (checked to give the library's codes), against the
-   library's eager path, interleaved; skipped where compile cannot build.
+   ``torch.compile`` with dynamic and with static shapes (checked to give the library's
+   codes), against the library's eager path, interleaved; skipped where compile cannot build.
 4. ``native``: the compiled C kernels (``osd.native``) against the torch ops over the same
-   224 states, interleaved (parts 1-3 time the torch ops: ``OSD_NATIVE_KERNELS=0`` there).
-5. ``fullrank``: at 130m's full-rank shapes (2 x 32100 x 768 + 25 norms), torch's fused
+   224 states, and over one of 1B's 512 x 5461 moments, interleaved (parts 1-3 and 5 time
+   the torch ops: ``OSD_NATIVE_KERNELS=0`` there).
+5. ``bnb``: bitsandbytes' CPU block-wise kernels on the same code maps: how many of their
+   codes differ from the nearest, whether their dequantised values are the library's, and
+   their time against the library's torch ops (skipped without bitsandbytes).
+6. ``fullrank``: at 130m's full-rank shapes (2 x 32100 x 768 + 25 norms), torch's fused
    AdamW kernel against the finiteness checks by sum and by norm, interleaved, median ms.
 
-    python benchmarks/step_costs.py                 # all five
+    python benchmarks/step_costs.py                 # all six
     python benchmarks/step_costs.py --parts ops fullrank
 """
 
@@ -38,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from osd import native  # noqa: E402
 from osd import quantization as q  # noqa: E402
 
-PARTS = ("ops", "inplace", "compile", "native", "fullrank")
+PARTS = ("ops", "inplace", "compile", "native", "bnb", "fullrank")
 
 
 def best_us(call: Callable[[], object], calls: int = 200, rounds: int = 5) -> float:
@@ -150,6 +154,49 @@ def part_native() -> None:
 
     times = interleaved_ms({"C kernels": round_trips, "torch ops": through_torch})
     print("\n60m's 224 8-bit states, dequantise + quantise, interleaved median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+    for signed in (True, False):  # one of 1B's 512 x 5461 moments: the torch ops use both cores there
+        x = torch.randn(512, 5461, generator=torch.Generator().manual_seed(1))
+        codes, absmax = q.quantize(x if signed else x.abs(), signed)
+        buffer = torch.empty(x.shape)
+
+        def one(codes: torch.Tensor = codes, absmax: torch.Tensor = absmax, signed: bool = signed) -> None:
+            q.quantize_into(q.dequantize(codes, absmax, signed, x.shape, out=buffer), signed, codes, absmax)
+
+        def one_through_torch() -> None:
+            with torch_ops():
+                one()
+
+        times = interleaved_ms({"C kernels": one, "torch ops": one_through_torch})
+        print(f"one 512 x 5461 {'signed' if signed else 'non-negative'} state, interleaved median ms: " + ", ".join(f"{k} {v:.2f}" for k, v in times.items()))
+
+
+def part_bnb() -> None:
+    try:
+        import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
+    except ImportError:
+        print("\nbnb: skipped (bitsandbytes is not installed)")
+        return
+    print("\nbitsandbytes' CPU block-wise kernels (block 256, the same code maps) against the library, one 65536-element state:")
+    for signed in (True, False):
+        x = torch.randn(65536, generator=torch.Generator().manual_seed(2)) * 1e-3
+        x = x if signed else x.abs() ** 2
+        code_map = q._code_map(signed, x.device)
+        codes, absmax = q.quantize(x, signed)
+        bnb_codes, bnb_absmax = torch.ops.bitsandbytes.quantize_blockwise(x, code_map, q.BLOCK_SIZE)
+        same_values = torch.equal(q.dequantize(codes, absmax, signed, x.shape).view(-1), torch.ops.bitsandbytes.dequantize_blockwise(codes, absmax, code_map, q.BLOCK_SIZE, torch.float32))
+        buffer = torch.empty_like(x)
+
+        def library() -> None:
+            with torch_ops():
+                q.quantize_into(q.dequantize(codes, absmax, signed, x.shape, out=buffer), signed, codes, absmax)
+
+        def bnb() -> None:
+            out = torch.ops.bitsandbytes.dequantize_blockwise(bnb_codes, bnb_absmax, code_map, q.BLOCK_SIZE, torch.float32)
+            torch.ops.bitsandbytes.quantize_blockwise(out, code_map, q.BLOCK_SIZE)
+
+        print(f"- {'signed' if signed else 'non-negative'}: codes differing from the nearest {int((bnb_codes != codes).sum())} of {x.numel()}, "
+              f"block maxima equal {torch.equal(bnb_absmax, absmax)}, dequantised values equal {same_values}; "
+              f"dequantise + quantise best us: library's torch ops {best_us(library):.0f}, bitsandbytes {best_us(bnb):.0f}")
 
 
 def sixty_m_states() -> list[tuple[torch.Tensor, torch.Tensor, bool, torch.Size]]:
@@ -191,11 +238,18 @@ def part_compile() -> None:
     def dequantize_core(codes: torch.Tensor, absmax: torch.Tensor, code_map: torch.Tensor) -> torch.Tensor:
         return (code_map[codes.long()].view(-1, q.BLOCK_SIZE) * absmax.unsqueeze(1)).view(-1)
 
-    compiled_q, compiled_d = torch.compile(quantize_core, dynamic=True), torch.compile(dequantize_core, dynamic=True)
     states = sixty_m_states()
+    for dynamic in (True, False):
+        compile_and_time(quantize_core, dequantize_core, states, dynamic)
+
+
+def compile_and_time(quantize_core: Callable, dequantize_core: Callable, states: list, dynamic: bool) -> None:
+    """``torch.compile(dynamic=...)`` of the two functions: checked against the library's codes
+    on two states, then timed against the library's eager path over all of them, interleaved."""
+    compiled_q, compiled_d = torch.compile(quantize_core, dynamic=dynamic), torch.compile(dequantize_core, dynamic=dynamic)
     start = time.perf_counter()
     try:
-        for codes, absmax, signed, shape in states[:2]:
+        for codes, absmax, signed, shape in states[:2] + states[-2:]:
             values = compiled_d(codes, absmax, q._code_map(signed, codes.device))
             new_codes, new_absmax = compiled_q(values, *q._code_lookup(signed, codes.device), signed)
             eager_codes, eager_absmax = q.quantize(q.dequantize(codes, absmax, signed, shape), signed)
@@ -218,7 +272,7 @@ def part_compile() -> None:
             absmax.copy_(new_absmax)
 
     times = interleaved_ms({"eager (in place)": eager, "compiled": compiled})
-    print(f"\ntorch.compile(dynamic=True) of the (de)quantisation: same codes, {compile_s:.1f} s to compile; 60m's states, interleaved median ms: "
+    print(f"\ntorch.compile(dynamic={dynamic}) of the (de)quantisation: same codes, {compile_s:.1f} s to compile; 60m's states, interleaved median ms: "
           + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
 
 
@@ -247,7 +301,7 @@ def main() -> int:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    runs = {"ops": part_ops, "inplace": part_inplace, "compile": part_compile, "native": part_native, "fullrank": part_fullrank}
+    runs = {"ops": part_ops, "inplace": part_inplace, "compile": part_compile, "native": part_native, "bnb": part_bnb, "fullrank": part_fullrank}
     for part in args.parts:
         with torch_ops() if part in ("ops", "inplace", "compile") else contextlib.nullcontext():
             runs[part]()

@@ -390,10 +390,10 @@ def randomized_basis(G: Tensor, rank: int, niter: int, generator: torch.Generato
     ``colnorm`` scales each column to unit norm where Halko et al. orthonormalise with a QR:
     ``G colnorm(Z)`` spans what ``G orth(Z)`` spans, the scaling keeps it from over- or
     underflowing with ``||G||^2``, and the ``n x k`` QR it replaces is the dearest step on a
-    wide ``G`` (1B's 2048 x 5461, k = 520: 112 ms of ~550). Only directions whose singular
-    value is under ``sqrt(eps)`` (3e-4 in float32) of the top one lose accuracy, each
-    holding under 1e-7 of the energy; on spectra decaying 1e3 and 1e6, the same energy
-    captured to 6 digits and the same median angle (``docs/performance.md``).
+    wide ``G``. Only directions whose singular value is under ``sqrt(eps)`` (3e-4 in
+    float32) of the top one lose accuracy, each holding under 1e-7 of the energy; on real
+    60m and 1B gradients the energy captured and the median angle are those of the QR
+    version (``docs/performance.md``).
     scikit-learn's range finder leaves out the normalisation altogether for up to two
     power iterations.
 
