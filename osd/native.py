@@ -3,7 +3,7 @@
 Run as torch ops, a dequantise + quantise of one state is eleven passes over it, three of
 them table lookups (``index_select``, a serial loop); the same maths as one C loop per
 direction (``csrc/blockwise8.c``) gives the same codes, maxima and values bit for bit
-(``tests/test_native.py``) in 2-2.5x less time on this project's CPU
+(``tests/test_native.py``) in 1.75-2.5x less time on this project's CPU
 (``benchmarks/step_costs.py --parts native``; docs/performance.md).
 
 Why not a library: bitsandbytes' CPU kernels are the nearest, but its quantiser picks other

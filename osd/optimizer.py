@@ -56,7 +56,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             none, as torch's optimizers do (a NaN then reaches weights and states): for a
             loop that checks already (``clip_grad_norm_(..., error_if_nonfinite=True)``, a
             ``GradScaler``), it saves the check's read of the gradients that step through
-            torch's fused kernel (about a fifth of that kernel's time).
+            torch's fused kernel (a fifth to a quarter of that kernel's time here).
         compat: a reference implementation's conventions for the keys not given
             (``"galore_torch"``, ``"osd_release"``; ``None``: torch's), see :mod:`osd.compat`.
         **kwargs: group defaults: the optimizer's own keys (``rank``, ``update_proj_gap``,

@@ -10,7 +10,7 @@ float32.
 
 The code maps, block scaling and dequantisation are torchao's (``torchao.optim``), the same
 as behind its ``AdamW8bit``; they are plain PyTorch ops, so they run on CPU and GPU alike.
-On a CPU, both directions run as two compiled C loops (:mod:`osd.native`, 2-3x faster,
+On a CPU, both directions run as two compiled C loops (:mod:`osd.native`, 1.75-2.5x faster,
 the same bits) wherever a C compiler is at hand; the torch ops below are the reference, the
 fallback and the GPU path.
 The nearest code is found by table lookup on a float's top 16 bits (:func:`_nearest_codes`),
@@ -24,7 +24,8 @@ An optimizer step dequantises every state and quantises it again, so the step's 
 (:func:`dequantize` with ``out=``, :func:`quantize_into`) allocates nothing per call: the
 float state, the codes and block maxima are written in place, and the index temporaries
 live in per-device scratch buffers kept at the largest size seen (:func:`scratch`: 9 bytes
-per element of the largest state, 25 MB at a 1B model's ``512 x 5461`` moments; the float
+per element of the largest state, 25 MB at a 1B model's ``512 x 5461`` moments, on the torch
+path only: the C loops need none; the float
 states of :func:`osd.state_layout.float_states` add 4 bytes per element and state slot,
 45 MB for OSD-AdamW's four at 1B). This is for the heap, not for speed (an interleaved measurement
 gave the same time): no ``numel``-sized temporaries come and go with every state of every
